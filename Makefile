@@ -1,0 +1,49 @@
+# mailgate — the two commands are `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV_VERSION ?= 0.13.9
+TOOLS      := .tools
+UV         := $(shell command -v uv 2>/dev/null || echo $(TOOLS)/bin/uv)
+VENV       := .venv
+PY         := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help env test lint typecheck schemas schemas-check pytest run bench chaos clean
+
+help: ## list targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(TOOLS)/bin/uv:
+	python3 -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet "uv==$(UV_VERSION)"
+
+env: $(if $(shell command -v uv 2>/dev/null),,$(TOOLS)/bin/uv) ## create .venv from uv.lock
+	$(UV) sync --frozen --all-packages --quiet
+
+test: env lint typecheck schemas-check pytest ## lint, type check, schema staleness, whole suite
+
+lint: env ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: env ## mypy strict on libs/
+	$(VENV)/bin/mypy
+
+schemas: env ## regenerate proto-schemas/ from libs/ event structs
+	$(PY) -m mailgate_core.schemagen proto-schemas
+
+schemas-check: env ## fail when proto-schemas/ is stale
+	$(PY) -m mailgate_core.schemagen proto-schemas --check
+
+pytest: env ## the pytest suite (real NATS + Postgres from wheels)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+run: env ## the whole stack on this machine: NATS, Postgres, Postal sandbox, every service
+	$(PY) -m mailgate_fakes.stack
+
+bench: env ## benchmarks (printing figures)
+	$(PY) bench/run.py
+
+clean: ## remove .venv, .tools and .data
+	rm -rf $(VENV) $(TOOLS) .data .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,337 @@
+"""NATS connection, JetStream provisioning, durable publishing and pull-consumer workers.
+
+Every service calls ``provision(js)`` at start-up: it creates (or updates to the current
+config) every stream, KV bucket and object store, so services can start in any order.
+All storage is file-backed; the nats-server we run has ``sync_interval: always`` so a
+publish ack means the event is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    StorageType,
+    StreamConfig,
+)
+
+from .schemas import Event, encode
+
+log = structlog.get_logger()
+
+DAY_S = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    max_age_s: float = 7 * DAY_S
+    max_bytes: int = -1
+    duplicate_window_s: float = 20 * 60.0
+
+
+#: The streams of design.md. ``discard=new`` makes a full stream refuse a publish (the
+#: publisher answers 4xx) instead of silently dropping the oldest accepted mail.
+STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec("MAIL", ("mail.>",)),
+    StreamSpec("POSTAL", ("postal.>",)),
+    StreamSpec("TRACK", ("track.>",)),
+    StreamSpec("STATUS", ("status.>",)),
+    StreamSpec("STATS", ("stats.>",), max_age_s=30 * DAY_S),
+)
+
+#: KV buckets. ledger writes credentials/accounts/suppressions/endpoints (a cache of Postgres,
+#: rebuilt on its start); postal-sender writes submissions (its idempotency record).
+KV_CREDENTIALS = "credentials"
+KV_ACCOUNTS = "accounts"
+KV_SUPPRESSIONS = "suppressions"
+KV_ENDPOINTS = "endpoints"
+KV_SUBMISSIONS = "submissions"
+KV_BUCKETS: dict[str, float | None] = {
+    KV_CREDENTIALS: None,
+    KV_ACCOUNTS: None,
+    KV_SUPPRESSIONS: None,
+    KV_ENDPOINTS: None,
+    KV_SUBMISSIONS: 14 * DAY_S,
+}
+OBJECT_STORE_MAIL = "mail-blobs"
+
+
+async def connect(url: str, name: str, **options: Any) -> NATS:
+    """Connect with endless reconnects; logs disconnects instead of raising them."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error", error=str(exc))
+
+    async def on_disconnected() -> None:
+        log.warning("nats disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats reconnected")
+
+    params: dict[str, Any] = {
+        "servers": [u.strip() for u in url.split(",") if u.strip()],
+        "name": name,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
+        "allow_reconnect": True,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnected,
+        "reconnected_cb": on_reconnected,
+    }
+    params.update(options)
+    return await nats.connect(**params)
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.stream_info(str(config.name))
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.add_stream(config)
+            return
+        except nats.js.errors.BadRequestError:
+            pass  # another replica created it first
+    await js.update_stream(config)
+
+
+async def provision(
+    js: JetStreamContext,
+    *,
+    stream_max_bytes: dict[str, int] | None = None,
+    replicas: int = 1,
+) -> None:
+    """Create or update every stream, KV bucket and object store (idempotent)."""
+    limits = stream_max_bytes or {}
+    for spec in STREAMS:
+        await _ensure_stream(
+            js,
+            StreamConfig(
+                name=spec.name,
+                subjects=list(spec.subjects),
+                storage=StorageType.FILE,
+                max_age=spec.max_age_s,
+                max_bytes=limits.get(spec.name, spec.max_bytes),
+                discard=DiscardPolicy.NEW,
+                duplicate_window=spec.duplicate_window_s,
+                num_replicas=replicas,
+            ),
+        )
+    for bucket, ttl in KV_BUCKETS.items():
+        try:
+            await js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            await js.create_key_value(
+                KeyValueConfig(
+                    bucket=bucket,
+                    history=1,
+                    ttl=ttl,
+                    storage=StorageType.FILE,
+                    replicas=replicas,
+                )
+            )
+    try:
+        await js.object_store(OBJECT_STORE_MAIL)
+    except nats.js.errors.BucketNotFoundError:
+        await js.create_object_store(
+            OBJECT_STORE_MAIL,
+            ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas, ttl=7 * DAY_S),
+        )
+
+
+class PublishError(Exception):
+    """The event could not be made durable; the caller must answer 4xx / nak."""
+
+
+async def publish_event(js: JetStreamContext, event: Event, *, timeout: float = 5.0) -> int:
+    """Publish ``event`` on its subject with ``Nats-Msg-Id = event_id``; return the stream seq.
+
+    Raises PublishError when JetStream did not acknowledge it (no responders, timeout,
+    stream full): the event is then not durable and the input must not be acknowledged.
+    """
+    try:
+        ack = await js.publish(
+            event.subject(),
+            encode(event),
+            timeout=timeout,
+            headers={"Nats-Msg-Id": event.event_id},
+        )
+    except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+        raise PublishError(f"{type(exc).__name__}: {exc}") from exc
+    return int(ack.seq)
+
+
+# --- pull consumers ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ack:
+    pass
+
+
+@dataclass(frozen=True)
+class Nak:
+    """Redeliver after ``delay_s`` (transient failure)."""
+
+    delay_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Term:
+    """Never redeliver (poison message; the handler already recorded why)."""
+
+    reason: str = ""
+
+
+Outcome = Ack | Nak | Term
+
+MessageHandler = Callable[[Msg], Awaitable[Outcome]]
+BatchHandler = Callable[[Sequence[Msg]], Awaitable[Sequence[Outcome]]]
+
+
+def backoff_delay(attempt: int, *, base_s: float = 1.0, cap_s: float = 300.0) -> float:
+    """Exponential backoff with full jitter for the ``attempt``-th delivery (1-based)."""
+    ceiling = min(cap_s, base_s * (2 ** max(0, attempt - 1)))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+@dataclass
+class PullWorker:
+    """Fetches batches from a durable pull consumer and settles each message.
+
+    ``stop()`` stops fetching, waits for the batch in hand to be handled and settled, then
+    returns: that is the graceful-shutdown contract (finish in-flight work, ack, exit).
+    """
+
+    js: JetStreamContext
+    stream: str
+    durable: str
+    filter_subject: str
+    handle_batch: BatchHandler
+    batch: int = 64
+    fetch_timeout_s: float = 1.0
+    ack_wait_s: float = 60.0
+    max_ack_pending: int = 1000
+    max_deliver: int = -1
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _sub: Any = field(default=None, init=False)
+
+    async def start(self) -> None:
+        self._sub = await self.js.pull_subscribe(
+            self.filter_subject,
+            durable=self.durable,
+            stream=self.stream,
+            config=ConsumerConfig(
+                durable_name=self.durable,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=self.ack_wait_s,
+                max_ack_pending=self.max_ack_pending,
+                max_deliver=self.max_deliver,
+                filter_subject=self.filter_subject,
+            ),
+        )
+        self._task = asyncio.create_task(self._run(), name=f"pull:{self.durable}")
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                msgs = await self._sub.fetch(self.batch, timeout=self.fetch_timeout_s)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+                if self._stopping.is_set():
+                    return
+                await asyncio.sleep(0.5)
+                continue
+            except Exception as exc:  # reconnecting, consumer deleted, ...
+                log.warning("fetch failed", durable=self.durable, error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
+            if not msgs:
+                continue
+            try:
+                outcomes = await self.handle_batch(msgs)
+            except Exception:
+                log.exception("batch handler crashed", durable=self.durable, size=len(msgs))
+                outcomes = [Nak(backoff_delay(_delivered(m))) for m in msgs]
+            for msg, outcome in zip(msgs, outcomes, strict=True):
+                await _settle(msg, outcome)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+
+def per_message(handler: MessageHandler, concurrency: int = 16) -> BatchHandler:
+    """Adapt a one-message handler to a batch handler running up to ``concurrency`` at once."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(msg: Msg) -> Outcome:
+        async with sem:
+            try:
+                return await handler(msg)
+            except Exception:
+                log.exception("message handler crashed", subject=msg.subject)
+                return Nak(backoff_delay(_delivered(msg)))
+
+    async def batch(msgs: Sequence[Msg]) -> Sequence[Outcome]:
+        return await asyncio.gather(*(one(m) for m in msgs))
+
+    return batch
+
+
+def _delivered(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.num_delivered)
+    except Exception:
+        return 1
+
+
+def delivery_count(msg: Msg) -> int:
+    """How many times JetStream has delivered ``msg`` (1 on the first delivery)."""
+    return _delivered(msg)
+
+
+async def _settle(msg: Msg, outcome: Outcome) -> None:
+    try:
+        if isinstance(outcome, Ack):
+            await msg.ack_sync(timeout=5.0)
+        elif isinstance(outcome, Nak):
+            await msg.nak(delay=outcome.delay_s)
+        else:
+            await msg.term()
+    except Exception as exc:
+        # The ack did not reach the server: JetStream redelivers after ack_wait and the
+        # handler's idempotency makes that harmless.
+        log.warning("settle failed", subject=msg.subject, error=str(exc))
