@@ -8,6 +8,8 @@ UV         := $(shell command -v uv 2>/dev/null || echo $(TOOLS)/bin/uv)
 VENV       := .venv
 PY         := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Trust the platform's CA store too (registries may sit behind a TLS-inspecting proxy).
+export UV_SYSTEM_CERTS ?= 1
 
 .PHONY: help env test lint typecheck schemas schemas-check pytest run bench chaos clean
 
