@@ -1,0 +1,113 @@
+"""Signed tracking tokens: what goes into open-pixel, click and unsubscribe URLs.
+
+A token is ``base64url_nopad(data || mac)`` where::
+
+    data = 0x01 (format version) || kind (b"o" open, b"c" click, b"u" unsubscribe)
+           || len(mailgate_id) (1 byte) || mailgate_id (UTF-8) || target URL (UTF-8, clicks only)
+    mac  = HMAC-SHA256(secret, b"mailgate-track\\x00" || data)[:16]
+
+The MAC is truncated to 16 bytes (128 bits: far beyond online guessing). The secret is the
+UTF-8 bytes of one ``TRACKING_SECRET`` entry; with several (comma-separated) the first signs
+and every one verifies, so a secret can be rotated without breaking links already sent.
+Whoever makes links (smtp-ingest's rewrite) must produce exactly this format.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+TokenKind = Literal["open", "click", "unsubscribe"]
+
+VERSION = 1
+MAC_BYTES = 16
+MAX_TOKEN_CHARS = 4096
+_DOMAIN = b"mailgate-track\x00"
+_KIND_BYTE: dict[str, bytes] = {"open": b"o", "click": b"c", "unsubscribe": b"u"}
+_BYTE_KIND: dict[int, TokenKind] = {ord("o"): "open", ord("c"): "click", ord("u"): "unsubscribe"}
+
+
+@dataclass(frozen=True)
+class TokenPayload:
+    kind: TokenKind
+    mailgate_id: str
+    url: str | None = None
+
+
+class TokenError(ValueError):
+    """A token cannot be made from these values."""
+
+
+def _b64encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(token: str) -> bytes | None:
+    try:
+        raw = token.encode("ascii")
+        return base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        return None
+
+
+class TokenSigner:
+    """Makes and verifies tokens with the first of ``secrets`` signing, all verifying."""
+
+    def __init__(self, secrets: Sequence[str | bytes]) -> None:
+        keys = [s.encode() if isinstance(s, str) else bytes(s) for s in secrets]
+        keys = [k for k in keys if k]
+        if not keys:
+            raise ValueError("at least one non-empty tracking secret is required")
+        self._keys = keys
+
+    def _mac(self, key: bytes, data: bytes) -> bytes:
+        return hmac.new(key, _DOMAIN + data, hashlib.sha256).digest()[:MAC_BYTES]
+
+    def _make(self, kind: TokenKind, mailgate_id: str, url: str = "") -> str:
+        mid = mailgate_id.encode()
+        if not mid or len(mid) > 255:
+            raise TokenError("mailgate_id must be 1..255 bytes")
+        data = bytes([VERSION]) + _KIND_BYTE[kind] + bytes([len(mid)]) + mid + url.encode()
+        return _b64encode(data + self._mac(self._keys[0], data))
+
+    def make_open_token(self, mailgate_id: str) -> str:
+        return self._make("open", mailgate_id)
+
+    def make_click_token(self, mailgate_id: str, url: str) -> str:
+        if not url:
+            raise TokenError("a click token needs a URL")
+        return self._make("click", mailgate_id, url)
+
+    def make_unsub_token(self, mailgate_id: str) -> str:
+        return self._make("unsubscribe", mailgate_id)
+
+    def verify(self, token: str) -> TokenPayload | None:
+        """The payload of an authentic token; ``None`` for anything else (never raises)."""
+        if not token or len(token) > MAX_TOKEN_CHARS:
+            return None
+        raw = _b64decode(token)
+        if raw is None or len(raw) < 3 + 1 + MAC_BYTES:
+            return None
+        data, mac = raw[:-MAC_BYTES], raw[-MAC_BYTES:]
+        valid = False
+        for key in self._keys:  # no early exit: time does not tell which key matched
+            valid |= hmac.compare_digest(mac, self._mac(key, data))
+        if not valid or data[0] != VERSION:
+            return None
+        kind = _BYTE_KIND.get(data[1])
+        mid_len = data[2]
+        if kind is None or mid_len == 0 or len(data) < 3 + mid_len:
+            return None
+        try:
+            mailgate_id = data[3 : 3 + mid_len].decode()
+            rest = data[3 + mid_len :].decode()
+        except UnicodeDecodeError:
+            return None
+        if kind == "click":
+            return TokenPayload(kind, mailgate_id, rest) if rest else None
+        return TokenPayload(kind, mailgate_id) if not rest else None
