@@ -1,0 +1,316 @@
+"""The ``mail.accepted`` handler: one Postal send/raw per recipient, at most once when we can.
+
+Order of durable steps (so a crash anywhere repeats no Postal call we know about):
+
+1. ``submissions[mailgate_id]`` exists -> Postal already took the message: re-publish
+   ``mail.submitted`` from the record and ack (no second send).
+2. Call Postal. On success, put the record FIRST, then publish ``mail.submitted`` (its
+   event_id is ``sub-<mailgate_id>`` so a re-publish is dropped by JetStream), then ack.
+3. A permanent refusal publishes ``mail.failed`` (``rejected``); a transient failure naks
+   with backoff until ``RETRY_DEADLINE_S`` after acceptance, then ``retries_exhausted``.
+
+The one window left is a reply lost after Postal created the message (timeout once the
+request was sent): Postal has no idempotency key, so the retry may duplicate the mail. Those
+retries are counted in ``mailgate_postal_ambiguous_retries_total``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import structlog
+from mailgate_core.nats import Ack, Nak, Outcome, PublishError, Term, backoff_delay, delivery_count
+from mailgate_core.nats import publish_event as _publish_event
+from mailgate_core.records import AccountRecord
+from mailgate_core.schemas import MailAccepted, MailFailed, MailSubmitted, SchemaError, decode
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from .classify import Rejected, Retry, Submitted
+from .client import PostalClient
+
+log = structlog.get_logger()
+
+_KV_KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
+#: NATS errors that mean "try again later" while reading KV or the object store.
+_NATS_TRANSIENT = (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError)
+
+
+class SubmissionRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """What Postal returned for one mailgate_id (bucket ``submissions``, key = mailgate_id)."""
+
+    postal_id: int
+    token: str
+    message_id: str | None = None
+    submitted_at: float = 0.0
+    attempts: int = 1
+
+
+_record_decoder = msgspec.json.Decoder(SubmissionRecord)
+_account_decoder = msgspec.json.Decoder(AccountRecord)
+_encoder = msgspec.json.Encoder()
+
+
+def submission_key(mailgate_id: str) -> str:
+    if _KV_KEY.match(mailgate_id):
+        return mailgate_id
+    return hashlib.sha256(mailgate_id.encode()).hexdigest()
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.requests = Counter(
+            "mailgate_postal_requests_total",
+            "Postal send/raw requests by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "mailgate_postal_request_duration_seconds",
+            "Duration of Postal send/raw requests",
+            registry=registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.submitted = Counter(
+            "mailgate_postal_submitted_total", "Messages Postal accepted", registry=registry
+        )
+        self.failed = Counter(
+            "mailgate_postal_failed_total",
+            "Messages given up on, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.ambiguous = Counter(
+            "mailgate_postal_ambiguous_retries_total",
+            "Retries after a request Postal may have received (possible duplicate)",
+            registry=registry,
+        )
+        self.replayed = Counter(
+            "mailgate_postal_replayed_total",
+            "Redelivered messages answered from the submissions record without calling Postal",
+            registry=registry,
+        )
+
+
+class _Transient(Exception):
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+class _Permanent(Exception):
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+def store_record_retry() -> AsyncRetrying:
+    """Storing the record after Postal said yes: a failure here risks a duplicate send, so
+    try a few times in-process before leaving it to redelivery."""
+    return AsyncRetrying(
+        stop=stop_after_attempt(4),
+        wait=wait_exponential(multiplier=0.2, max=2.0),
+        retry=retry_if_exception_type(_NATS_TRANSIENT),
+        reraise=True,
+    )
+
+
+@dataclass
+class Sender:
+    js: JetStreamContext
+    client: PostalClient
+    submissions: Any
+    accounts: Any
+    blobs: Any
+    default_api_key: str
+    retry_deadline_s: float
+    metrics: Metrics
+    retry_base_s: float = 1.0
+
+    def _backoff(self, attempt: int) -> float:
+        return float(backoff_delay(attempt, base_s=self.retry_base_s))
+
+    async def handle(self, msg: Msg) -> Outcome:
+        try:
+            event = decode(msg.data, MailAccepted)
+        except SchemaError as exc:
+            log.error("undecodable mail.accepted dropped", error=str(exc))
+            return Term("schema")
+        attempt = delivery_count(msg)
+        ref = event.message
+        blog = log.bind(
+            mailgate_id=ref.mailgate_id,
+            account_id=ref.account_id,
+            campaign_id=ref.campaign_id,
+            attempt=attempt,
+        )
+        key = submission_key(ref.mailgate_id)
+
+        try:
+            record = await self._load_record(key)
+        except _Transient as exc:
+            return await self._retry_later(blog, event, attempt, exc.code, exc.detail)
+        if record is not None:
+            blog.info("already submitted; re-publishing", postal_id=record.postal_id)
+            self.metrics.replayed.inc()
+            return await self._publish_submitted(blog, event, record, attempt)
+
+        try:
+            raw = await self._load_raw(event)
+            api_key = await self._api_key(event)
+        except _Permanent as exc:
+            return await self._fail(blog, event, "rejected", exc.code, exc.detail, attempt)
+        except _Transient as exc:
+            return await self._retry_later(blog, event, attempt, exc.code, exc.detail)
+
+        result = await self.client.send_raw(
+            api_key=api_key, mail_from=event.mail_from, recipient=ref.recipient, raw=raw
+        )
+        outcome = result.classification
+        self.metrics.requests.labels(outcome.outcome).inc()
+        self.metrics.duration.observe(result.duration_s)
+
+        if isinstance(outcome, Submitted):
+            record = SubmissionRecord(
+                postal_id=outcome.postal_id,
+                token=outcome.token,
+                message_id=outcome.message_id,
+                submitted_at=time.time(),
+                attempts=attempt,
+            )
+            try:
+                async for trying in store_record_retry():
+                    with trying:
+                        await self.submissions.put(key, _encoder.encode(record))
+            except _NATS_TRANSIENT as exc:
+                # Postal has the message but we could not note it: redelivery will send again.
+                blog.error("submission record not stored", error=str(exc))
+                self.metrics.ambiguous.inc()
+                return Nak(self._backoff(attempt))
+            self.metrics.submitted.inc()
+            blog.info("submitted to postal", postal_id=outcome.postal_id)
+            return await self._publish_submitted(blog, event, record, attempt)
+
+        if isinstance(outcome, Rejected):
+            blog.warning("postal rejected message", code=outcome.code, detail=outcome.detail)
+            return await self._fail(blog, event, "rejected", outcome.code, outcome.detail, attempt)
+
+        assert isinstance(outcome, Retry)
+        if outcome.outcome == "suspended":
+            blog.error("postal server suspended; holding mail", detail=outcome.detail)
+        if outcome.ambiguous:
+            self.metrics.ambiguous.inc()
+            blog.warning("postal reply lost after sending; retry may duplicate", code=outcome.code)
+        return await self._retry_later(blog, event, attempt, outcome.code, outcome.detail)
+
+    # --- steps ---------------------------------------------------------------------------
+
+    async def _load_record(self, key: str) -> SubmissionRecord | None:
+        try:
+            entry = await self.submissions.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except _NATS_TRANSIENT as exc:
+            raise _Transient("NatsError", f"submissions lookup: {exc}") from exc
+        if not entry.value:
+            return None
+        try:
+            return _record_decoder.decode(entry.value)
+        except msgspec.DecodeError:
+            log.error("unreadable submission record ignored", key=key)
+            return None
+
+    async def _load_raw(self, event: MailAccepted) -> bytes:
+        if event.raw is not None:
+            return event.raw
+        if not event.object_name:
+            raise _Permanent("MessageBodyMissing", "mail.accepted carries neither raw nor object")
+        try:
+            result = await self.blobs.get(event.object_name)
+        except nats.js.errors.ObjectNotFoundError as exc:
+            raise _Permanent("MessageBodyMissing", f"object {event.object_name} not found") from exc
+        except nats.js.errors.ObjectDeletedError as exc:
+            raise _Permanent("MessageBodyMissing", f"object {event.object_name} deleted") from exc
+        except _NATS_TRANSIENT as exc:
+            raise _Transient("NatsError", f"object store: {exc}") from exc
+        data: bytes | None = result.data
+        return bytes(data or b"")
+
+    async def _api_key(self, event: MailAccepted) -> str:
+        account_id = event.postal_api_key_ref
+        if not account_id:
+            return self.default_api_key
+        try:
+            entry = await self.accounts.get(account_id)
+        except nats.js.errors.KeyNotFoundError as exc:
+            # The ledger rewrites the bucket on start: the record may be back soon.
+            raise _Transient("AccountNotFound", f"account {account_id} not in KV") from exc
+        except _NATS_TRANSIENT as exc:
+            raise _Transient("NatsError", f"accounts lookup: {exc}") from exc
+        try:
+            account = _account_decoder.decode(entry.value or b"")
+        except msgspec.DecodeError as exc:
+            raise _Transient("AccountUnreadable", f"account {account_id}: {exc}") from exc
+        return account.postal_api_key or self.default_api_key
+
+    async def _publish_submitted(
+        self, blog: Any, event: MailAccepted, record: SubmissionRecord, attempt: int
+    ) -> Outcome:
+        submitted = MailSubmitted(
+            event_id=f"sub-{event.message.mailgate_id}",
+            occurred_at=record.submitted_at or time.time(),
+            message=event.message,
+            postal_id=record.postal_id,
+            postal_token=record.token,
+            postal_message_id=record.message_id,
+            attempts=record.attempts,
+        )
+        try:
+            await _publish_event(self.js, submitted)
+        except PublishError as exc:
+            # The record is stored: the redelivery re-publishes without calling Postal.
+            blog.warning("mail.submitted not published; will retry", error=str(exc))
+            return Nak(self._backoff(attempt))
+        return Ack()
+
+    async def _fail(
+        self, blog: Any, event: MailAccepted, reason: str, code: str, detail: str, attempt: int
+    ) -> Outcome:
+        failed = MailFailed(
+            event_id=f"fail-{event.message.mailgate_id}",
+            message=event.message,
+            reason=reason,
+            code=code,
+            detail=detail[:1000],
+            attempts=attempt,
+        )
+        try:
+            await _publish_event(self.js, failed)
+        except PublishError as exc:
+            blog.warning("mail.failed not published; will retry", error=str(exc))
+            return Nak(self._backoff(attempt))
+        self.metrics.failed.labels(reason).inc()
+        blog.info("mail failed", reason=reason, code=code)
+        return Ack()
+
+    async def _retry_later(
+        self, blog: Any, event: MailAccepted, attempt: int, code: str, detail: str
+    ) -> Outcome:
+        if time.time() - event.occurred_at >= self.retry_deadline_s:
+            return await self._fail(blog, event, "retries_exhausted", code, detail, attempt)
+        delay = self._backoff(attempt)
+        blog.warning(
+            "transient failure; retrying", code=code, detail=detail, delay_s=round(delay, 2)
+        )
+        return Nak(delay)
