@@ -1,0 +1,243 @@
+"""smtp-ingest: authenticated SMTP intake (STARTTLS and implicit TLS) -> ``mail.accepted``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+from functools import partial
+
+import structlog
+from mailgate_core.config import BaseSettings, ConfigError, Secret
+from mailgate_core.service import ServiceBase
+from prometheus_client import CollectorRegistry
+
+from . import replies
+from .auth import Authenticator
+from .directory import Directory
+from .handlers import IngestHandler, IntakeConfig
+from .metrics import Metrics
+from .policy import FailureThrottle
+from .rewrite import HeaderRules
+from .server import Intake, MailgateSMTP
+from .tls import context_from_pem, self_signed_pair, server_context
+
+log = structlog.get_logger()
+
+#: A MailAccepted carrying ``raw`` (base64 in JSON, 4/3 larger) must fit NATS max_payload.
+_MAX_INLINE_BYTES = 750_000
+
+
+class Settings(BaseSettings, frozen=True, kw_only=True):
+    service_name: str = "smtp-ingest"
+    ops_port: int = 9101
+    domain: str
+    """Our domain: Message-IDs are ``<mailgate_id@DOMAIN>``; the SMTP host name by default."""
+    smtp_host: str = "0.0.0.0"
+    smtp_port: int = 2587
+    """Submission with STARTTLS (587 in containers)."""
+    smtps_port: int = 2465
+    """Implicit TLS (465 in containers)."""
+    smtp_hostname: str = ""
+    """Name in the greeting and EHLO reply; DOMAIN when empty."""
+    smtp_tls_cert: str = ""
+    smtp_tls_key: str = ""
+    smtp_auth_require_tls: bool = True
+    smtp_timeout_s: float = 300.0
+    allowed_sender_domains: tuple[str, ...] = ()
+    """Global sender allowlist, used for accounts without their own list; empty allows all."""
+    max_message_size: int = 10_485_760
+    max_recipients: int = 100
+    ams_external_id_headers: tuple[str, ...] = ("X-AMS-Message-ID", "X-Mailer-RecptId")
+    ams_campaign_id_headers: tuple[str, ...] = ("X-AMS-Campaign-ID", "X-AMS-Mailing-ID")
+    strip_header_prefixes: tuple[str, ...] = ("X-AMS-",)
+    strip_headers: tuple[str, ...] = ("X-Mailer",)
+    tracking_header: str = "X-Mailgate-Tracking"
+    object_store_threshold: int = 700_000
+    """Messages larger than this go to the object store ``mail-blobs``, not into the event."""
+    auth_failure_limit: int = 5
+    auth_failure_window_s: float = 60.0
+    publish_timeout_s: float = 5.0
+    object_store_timeout_s: float = 30.0
+    kv_timeout_s: float = 2.0
+    kv_resync_s: float = 60.0
+    tracking_base_url: str = ""
+    tracking_secret: Secret = Secret("")
+
+    def validate(self) -> None:
+        if bool(self.smtp_tls_cert) != bool(self.smtp_tls_key):
+            raise ConfigError("config error: SMTP_TLS_CERT and SMTP_TLS_KEY must be set together")
+        for var, path in (
+            ("SMTP_TLS_CERT", self.smtp_tls_cert),
+            ("SMTP_TLS_KEY", self.smtp_tls_key),
+        ):
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(f"config error: {var}={path!r} is not a readable file")
+        if self.max_message_size <= 0:
+            raise ConfigError("config error: MAX_MESSAGE_SIZE must be positive")
+        if self.max_recipients <= 0:
+            raise ConfigError("config error: MAX_RECIPIENTS must be positive")
+        if not 0 <= self.object_store_threshold <= _MAX_INLINE_BYTES:
+            raise ConfigError(
+                f"config error: OBJECT_STORE_THRESHOLD must be between 0 and {_MAX_INLINE_BYTES}"
+            )
+
+    @property
+    def header_rules(self) -> HeaderRules:
+        return HeaderRules(
+            external_id_headers=self.ams_external_id_headers,
+            campaign_id_headers=self.ams_campaign_id_headers,
+            strip_prefixes=self.strip_header_prefixes,
+            strip_headers=self.strip_headers,
+            tracking_header=self.tracking_header,
+        )
+
+
+def load_tls(settings: Settings) -> tuple[ssl.SSLContext, bytes | None]:
+    """The configured certificate, else an ephemeral self-signed one (returned as PEM)."""
+    if settings.smtp_tls_cert:
+        try:
+            return server_context(settings.smtp_tls_cert, settings.smtp_tls_key), None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"config error: SMTP_TLS_CERT/SMTP_TLS_KEY unusable: {exc}") from None
+    hostname = settings.smtp_hostname or settings.domain
+    cert_pem, key_pem = self_signed_pair(hostname)
+    log.warning("smtp tls: using an ephemeral self-signed certificate", hostname=hostname)
+    return context_from_pem(cert_pem, key_pem), cert_pem
+
+
+class SmtpIngestService(ServiceBase):
+    """Two listeners (STARTTLS, implicit TLS) sharing one handler; see ``start``/``stop``."""
+
+    settings: Settings
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+        tls_context: ssl.SSLContext,
+        certificate_pem: bytes | None = None,
+    ):
+        super().__init__(settings, registry=registry)
+        self.tls_context = tls_context
+        self.certificate_pem = certificate_pem
+        """PEM of the generated certificate (None when loaded from files): tests trust it."""
+        self.metrics = Metrics.create(self.registry)
+        self.intake = Intake()
+        self.smtp_port = 0
+        self.smtps_port = 0
+        self._servers: list[asyncio.Server] = []
+        self.directory: Directory | None = None
+        self.handler: IngestHandler | None = None
+        self._stopped = False
+        self.on_stop.append(self._stop_intake)
+
+    async def connect(self) -> None:
+        await super().connect()
+        s = self.settings
+        self.directory = Directory(self.js, resync_s=s.kv_resync_s, timeout_s=s.kv_timeout_s)
+        throttle = FailureThrottle(limit=s.auth_failure_limit, window_s=s.auth_failure_window_s)
+        authenticator = Authenticator(self.directory, throttle, self.metrics)
+        config = IntakeConfig(
+            domain=s.domain,
+            allowed_sender_domains=s.allowed_sender_domains,
+            max_message_size=s.max_message_size,
+            max_recipients=s.max_recipients,
+            object_store_threshold=s.object_store_threshold,
+            publish_timeout_s=s.publish_timeout_s,
+            object_store_timeout_s=s.object_store_timeout_s,
+            rules=s.header_rules,
+        )
+        self.handler = IngestHandler(
+            config,
+            js=self.js,
+            directory=self.directory,
+            authenticator=authenticator,
+            metrics=self.metrics,
+        )
+        directory = self.directory
+        self.health.add_check("credentials", lambda: directory.synced)
+        self.health.add_check("smtp", lambda: self.listening)
+
+    @property
+    def listening(self) -> bool:
+        """Both SMTP listeners accept connections (a readiness check)."""
+        return len(self._servers) == 2 and all(srv.is_serving() for srv in self._servers)
+
+    def _protocol(self, *, implicit_tls: bool) -> MailgateSMTP:
+        s = self.settings
+        assert self.handler is not None
+        return MailgateSMTP(
+            self.handler,
+            intake=self.intake,
+            metrics=self.metrics,
+            hostname=s.smtp_hostname or s.domain,
+            max_message_size=s.max_message_size,
+            tls_context=self.tls_context,
+            implicit_tls=implicit_tls,
+            auth_require_tls=s.smtp_auth_require_tls,
+            timeout_s=s.smtp_timeout_s,
+        )
+
+    async def start(self) -> None:
+        """Load credentials/accounts, open both listeners, then the ops server."""
+        assert self.directory is not None, "build() connects first"
+        await self.directory.start()
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        plain = await loop.create_server(
+            partial(self._protocol, implicit_tls=False), s.smtp_host, s.smtp_port
+        )
+        self._servers.append(plain)
+        implicit = await loop.create_server(
+            partial(self._protocol, implicit_tls=True),
+            s.smtp_host,
+            s.smtps_port,
+            ssl=self.tls_context,
+        )
+        self._servers.append(implicit)
+        self.smtp_port = plain.sockets[0].getsockname()[1]
+        self.smtps_port = implicit.sockets[0].getsockname()[1]
+        await super().start()
+        log.info(
+            "smtp listening", host=s.smtp_host, smtp_port=self.smtp_port, smtps_port=self.smtps_port
+        )
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await super().stop()
+
+    async def _stop_intake(self) -> None:
+        """Stop accepting connections, let messages inside DATA finish, close the rest."""
+        self.intake.draining = True
+        for srv in self._servers:
+            srv.close()
+        grace = max(1.0, self.settings.shutdown_grace_s * 0.75)
+        if not await self.intake.wait_idle(grace):
+            log.warning("smtp sessions still in DATA at shutdown", sessions=self.intake.in_data)
+        goodbye = (str(replies.SHUTTING_DOWN) + "\r\n").encode()
+        for session in list(self.intake.sessions):
+            if isinstance(session.transport, asyncio.WriteTransport):
+                with contextlib.suppress(Exception):
+                    session.transport.write(goodbye)
+            session.close_now()
+        if self.directory is not None:
+            await self.directory.stop()
+
+
+async def build(
+    settings: Settings, *, registry: CollectorRegistry | None = None
+) -> SmtpIngestService:
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command
+    tls_context, certificate_pem = load_tls(settings)
+    service = SmtpIngestService(
+        settings, registry=registry, tls_context=tls_context, certificate_pem=certificate_pem
+    )
+    await service.connect()
+    service.add_ops_server()
+    return service

@@ -1,0 +1,79 @@
+"""Forbidden attachment types (specs/smtp-rules.md), found anywhere in the MIME tree.
+
+A file name can hide in Content-Disposition ``filename`` or Content-Type ``name``, be split
+and percent-encoded by RFC 2231 (``filename*0*=utf-8''ev; filename*1=il.exe``), or be an
+RFC 2047 encoded word (``"=?UTF-8?B?...?="``, not standard in parameters but common). Parts
+nested in multiparts and in attached messages (message/rfc822) are all checked.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.header import decode_header, make_header
+from email.message import Message
+from email.utils import collapse_rfc2231_value
+
+_FORBIDDEN = """
+.adp .bat .chm .cmd .com .cpl .exe .hta .ins .isp .jar .js .jse .lib .lnk .mde .msc .msp
+.mst .pif .scr .sct .shb .sys .vb .vbe .vbs .vxd .wsc .wsf .wsh
+"""
+FORBIDDEN_EXTENSIONS: frozenset[str] = frozenset(_FORBIDDEN.split())
+
+
+def attachment_extension(filename: str) -> str:
+    """Lower-cased ``.ext`` of a file name as Windows sees it (trailing dots/spaces ignored)."""
+    name = filename.strip().strip("\"'").rstrip(". \t")
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    _stem, dot, ext = name.rpartition(".")
+    if not dot or not ext:
+        return ""
+    return "." + ext.lower()
+
+
+def is_forbidden_attachment(filename: str) -> bool:
+    return attachment_extension(filename) in FORBIDDEN_EXTENSIONS
+
+
+def _decode_encoded_words(text: str) -> str:
+    if "=?" not in text:
+        return text
+    try:
+        return str(make_header(decode_header(text)))
+    except (ValueError, LookupError, UnicodeError):
+        return text
+
+
+def _param(part: Message, name: str, header: str) -> str | None:
+    value = part.get_param(name, None, header=header)
+    if value is None or value == "":
+        return None
+    if isinstance(value, tuple):
+        text = collapse_rfc2231_value(value)
+    else:
+        text = email.utils.unquote(str(value))
+    return _decode_encoded_words(str(text))
+
+
+def part_filenames(part: Message) -> list[str]:
+    """Every name a part declares for itself (disposition filename, content-type name)."""
+    names = []
+    for param, header in (("filename", "content-disposition"), ("name", "content-type")):
+        try:
+            value = _param(part, param, header)
+        except (ValueError, LookupError, UnicodeError, TypeError):
+            value = None
+        if value:
+            names.append(value)
+    return names
+
+
+def find_forbidden_attachment(raw: bytes) -> str | None:
+    """The first forbidden extension (e.g. ``.exe``) of any part of ``raw``, else ``None``."""
+    message = email.message_from_bytes(raw, policy=email.policy.compat32)
+    for part in message.walk():
+        for filename in part_filenames(part):
+            extension = attachment_extension(filename)
+            if extension in FORBIDDEN_EXTENSIONS:
+                return extension
+    return None

@@ -1,0 +1,95 @@
+"""SMTP AUTH against ledger-owned credentials (hashes only) with a per-IP failure throttle.
+
+scrypt is deliberately slow (~50 ms, 16 MiB), so it runs in a thread and a successful
+verification is remembered: AMS opens many connections with the same credential. The
+memo key holds an HMAC of the password under a per-process random key (never the password)
+and the stored hash, so a password change in the ledger invalidates it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailgate_core.passwords import hash_password, verify_password
+
+from .directory import Directory
+from .metrics import Metrics
+from .policy import FailureThrottle, is_ip_allowed
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who an authenticated SMTP session sends as."""
+
+    username: str
+    account_id: str
+
+
+class Authenticator:
+    def __init__(
+        self,
+        directory: Directory,
+        throttle: FailureThrottle,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_remembered: int = 10_000,
+    ):
+        self._directory = directory
+        self._throttle = throttle
+        self._metrics = metrics
+        self._clock = clock
+        self._max_remembered = max_remembered
+        self._pepper = secrets.token_bytes(32)
+        self._verified: dict[tuple[str, bytes, str], None] = {}
+        self._dummy_hash: str | None = None
+
+    def is_blocked(self, client_ip: str | None) -> bool:
+        return self._throttle.is_blocked(client_ip or "?", self._clock())
+
+    async def authenticate(
+        self, username: str, password: str, client_ip: str | None
+    ) -> Principal | None:
+        """The principal, or ``None`` (failure recorded). Raises TransientError if KV is down."""
+        principal = await self._check(username, password, client_ip)
+        if principal is None:
+            self._throttle.record_failure(client_ip or "?", self._clock())
+            self._metrics.auth_failures.inc()
+        return principal
+
+    async def _check(self, username: str, password: str, client_ip: str | None) -> Principal | None:
+        credential = await self._directory.credential(username) if username else None
+        if credential is None or credential.disabled:
+            await self._burn_time(password)  # same cost as a wrong password: no user probing
+            return None
+        if not await self._password_ok(username, password, credential.password_hash):
+            return None
+        if not is_ip_allowed(client_ip, credential.allowed_ips):
+            return None
+        account = await self._directory.account(credential.account_id)
+        if account is None or account.disabled:
+            return None
+        return Principal(username=username, account_id=credential.account_id)
+
+    async def _password_ok(self, username: str, password: str, password_hash: str) -> bool:
+        tag = hmac.new(self._pepper, password.encode("utf-8", "replace"), hashlib.sha256).digest()
+        key = (username, tag, password_hash)
+        if key in self._verified:
+            return True
+        ok = await asyncio.to_thread(verify_password, password, password_hash)
+        if ok:
+            if len(self._verified) >= self._max_remembered:
+                self._verified.pop(next(iter(self._verified)))
+            self._verified[key] = None
+        return ok
+
+    async def _burn_time(self, password: str) -> None:
+        if self._dummy_hash is None:
+            self._dummy_hash = await asyncio.to_thread(hash_password, secrets.token_hex(8))
+        await asyncio.to_thread(verify_password, password, self._dummy_hash)

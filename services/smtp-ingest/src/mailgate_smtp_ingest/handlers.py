@@ -1,0 +1,314 @@
+"""aiosmtpd handler hooks: translate SMTP commands into policy decisions and events.
+
+Every accepted RCPT becomes its own message (own mailgate_id, own Message-ID, own event).
+The 250 after DATA is sent only when every recipient's event is acknowledged by JetStream;
+anything transient answers 451 so the client retries (a retry publishes new ids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import TLSSetupException
+from mailgate_core.ids import new_ulid
+from mailgate_core.nats import OBJECT_STORE_MAIL, PublishError, publish_event
+from mailgate_core.records import AccountRecord, CredentialRecord
+from mailgate_core.schemas import MailAccepted, MailSkipped, MessageRef
+from nats.js import JetStreamContext
+from nats.js.object_store import ObjectStore
+
+from . import replies
+from .attachments import find_forbidden_attachment
+from .auth import Authenticator, Principal
+from .directory import Directory
+from .metrics import Metrics
+from .policy import (
+    SendLimiter,
+    declared_size,
+    is_sender_allowed,
+    is_valid_address,
+    sender_allowlist,
+)
+from .replies import Rejected, Reply, TransientError
+from .rewrite import (
+    HeaderRules,
+    PreparedMessage,
+    message_id_for,
+    normalize_line_endings,
+    prepare,
+    render,
+)
+
+log = structlog.get_logger()
+
+#: Recipient copies prepared and published at once (each may be a 10 MB rendered copy).
+_PARALLEL_COPIES = 8
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    """The settings the hooks need (a slice of app.Settings)."""
+
+    domain: str
+    allowed_sender_domains: tuple[str, ...] = ()
+    max_message_size: int = 10_485_760
+    max_recipients: int = 100
+    object_store_threshold: int = 700_000
+    publish_timeout_s: float = 5.0
+    object_store_timeout_s: float = 30.0
+    rules: HeaderRules = field(default_factory=HeaderRules)
+
+
+@dataclass(frozen=True)
+class _Inspected:
+    forbidden_extension: str | None
+    prepared: PreparedMessage | None
+
+
+def _inspect(raw: bytes, rules: HeaderRules) -> _Inspected:
+    """CPU-bound parsing, run in a thread for large messages."""
+    raw = normalize_line_endings(raw)
+    extension = find_forbidden_attachment(raw)
+    if extension is not None:
+        return _Inspected(extension, None)
+    return _Inspected(None, prepare(raw, rules))
+
+
+class IngestHandler:
+    def __init__(
+        self,
+        config: IntakeConfig,
+        *,
+        js: JetStreamContext,
+        directory: Directory,
+        authenticator: Authenticator,
+        metrics: Metrics,
+    ):
+        self.config = config
+        self._js = js
+        self._directory = directory
+        self._auth = authenticator
+        self._metrics = metrics
+        self._limiters: dict[str, tuple[tuple[float | None, int | None], SendLimiter]] = {}
+        self._blobs: ObjectStore | None = None
+
+    # --- AUTH ---------------------------------------------------------------------------
+
+    def auth_blocked(self, client_ip: str | None) -> bool:
+        return self._auth.is_blocked(client_ip)
+
+    async def authenticate(
+        self, username: str, password: str, client_ip: str | None
+    ) -> Principal | None:
+        principal = await self._auth.authenticate(username, password, client_ip)
+        if principal is None:
+            log.info("auth failed", username=username, client_ip=client_ip)
+        return principal
+
+    # --- envelope -----------------------------------------------------------------------
+
+    async def _account(self, session: Any) -> tuple[Principal, AccountRecord]:
+        principal = session.auth_data
+        if not isinstance(principal, Principal):
+            raise Rejected(replies.MUST_AUTHENTICATE)
+        account = await self._directory.account(principal.account_id)
+        if account is None or account.disabled:
+            raise Rejected(replies.MUST_AUTHENTICATE)
+        return principal, account
+
+    def _allowed_senders(self, account: AccountRecord) -> tuple[str, ...]:
+        return sender_allowlist(account.allowed_sender_domains, self.config.allowed_sender_domains)
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        try:
+            _, account = await self._account(session)
+            size = declared_size(mail_options)
+            if size is not None and size > self.config.max_message_size:
+                raise Rejected(replies.TOO_BIG)
+            if not is_sender_allowed(address, self._allowed_senders(account)):
+                raise Rejected(replies.disallowed_sender(address))
+        except Exception as exc:
+            return self._refusal(exc)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return str(replies.SENDER_OK)
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        try:
+            if not is_valid_address(address):
+                raise Rejected(replies.invalid_recipient(address))
+            if any(r.lower() == address.lower() for r in envelope.rcpt_tos):
+                return str(replies.RECIPIENT_OK)  # one copy per distinct recipient
+            if len(envelope.rcpt_tos) >= self.config.max_recipients:
+                raise Rejected(replies.TOO_MANY_RECIPIENTS)
+            await self._take_send_slot(session)
+        except Exception as exc:
+            return self._refusal(exc)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return str(replies.RECIPIENT_OK)
+
+    async def _take_send_slot(self, session: Any) -> None:
+        principal = session.auth_data
+        credential = await self._directory.credential(principal.username)
+        if credential is None or credential.disabled:
+            raise Rejected(replies.MUST_AUTHENTICATE)
+        refused = self._limiter(credential).try_acquire(time.time())
+        if refused == "rate":
+            raise Rejected(replies.RATE_LIMITED)
+        if refused == "daily":
+            raise Rejected(replies.DAILY_LIMIT)
+
+    def _limiter(self, credential: CredentialRecord) -> SendLimiter:
+        params = (credential.rate_per_second, credential.daily_limit)
+        known = self._limiters.get(credential.username)
+        if known is None or known[0] != params:
+            known = (params, SendLimiter(*params))
+            self._limiters[credential.username] = known
+        return known[1]
+
+    # --- DATA ---------------------------------------------------------------------------
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        started = time.monotonic()
+        bound = log.bind(client_ip=getattr(server, "client_ip", None))
+        try:
+            first_id = await self._accept(session, envelope, bound)
+        except Exception as exc:
+            return self._refusal(exc, bound)
+        self._metrics.data_to_ack.observe(time.monotonic() - started)
+        return str(replies.queued(first_id))
+
+    async def _accept(self, session: Any, envelope: Any, bound: Any) -> str:
+        principal, account = await self._account(session)
+        raw: bytes = envelope.content
+        if len(raw) > 256 * 1024:
+            inspected = await asyncio.to_thread(_inspect, raw, self.config.rules)
+        else:
+            inspected = _inspect(raw, self.config.rules)
+        if inspected.forbidden_extension is not None:
+            raise Rejected(replies.forbidden_attachment(inspected.forbidden_extension))
+        prepared = inspected.prepared
+        assert prepared is not None
+        allowed = self._allowed_senders(account)
+        for sender in prepared.from_addresses:
+            if not is_sender_allowed(sender, allowed):
+                raise Rejected(replies.disallowed_sender(sender))
+        ids = [new_ulid() for _ in envelope.rcpt_tos]
+        gate = asyncio.Semaphore(_PARALLEL_COPIES)
+
+        async def one(mailgate_id: str, recipient: str) -> None:
+            async with gate:
+                await self._publish_one(
+                    mailgate_id, recipient, envelope, principal, account, prepared, session
+                )
+
+        bound = bound.bind(
+            account_id=account.id,
+            credential=principal.username,
+            campaign_id=prepared.campaign_id,
+            external_id=prepared.external_id,
+        )
+        outcomes = await asyncio.gather(
+            *(one(mid, rcpt) for mid, rcpt in zip(ids, envelope.rcpt_tos, strict=True)),
+            return_exceptions=True,
+        )
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            transient = [f for f in failures if isinstance(f, PublishError | TransientError)]
+            raise transient[0] if transient else failures[0]
+        bound.info("message accepted", mailgate_ids=ids, recipients=len(ids), size=len(raw))
+        return ids[0]
+
+    async def _publish_one(
+        self,
+        mailgate_id: str,
+        recipient: str,
+        envelope: Any,
+        principal: Principal,
+        account: AccountRecord,
+        prepared: PreparedMessage,
+        session: Any,
+    ) -> None:
+        ref = MessageRef(
+            mailgate_id=mailgate_id,
+            account_id=account.id,
+            recipient=recipient,
+            external_id=prepared.external_id,
+            campaign_id=prepared.campaign_id,
+        )
+        suppression = await self._directory.suppression(account.id, recipient)
+        if suppression is not None:
+            skipped = MailSkipped(
+                message=ref,
+                mail_from=envelope.mail_from,
+                reason=suppression.reason,
+                subject_line=prepared.subject,
+            )
+            await publish_event(self._js, skipped, timeout=self.config.publish_timeout_s)
+            self._metrics.skipped.inc()
+            return
+        domain = self.config.domain
+        data = render(prepared, mailgate_id=mailgate_id, domain=domain)
+        object_name = None
+        if len(data) > self.config.object_store_threshold:
+            object_name = mailgate_id
+            await self._store_blob(object_name, data)
+        peer = session.peer if isinstance(session.peer, tuple) else None
+        accepted = MailAccepted(
+            message=ref,
+            mail_from=envelope.mail_from,
+            credential=principal.username,
+            message_id_header=message_id_for(mailgate_id, domain),
+            subject_line=prepared.subject,
+            size=len(data),
+            raw=None if object_name else data,
+            object_name=object_name,
+            tracking=account.tracking and not prepared.tracking_opt_out,
+            postal_api_key_ref=account.id if account.has_postal_api_key else None,
+            client_ip=str(peer[0]) if peer else None,
+        )
+        await publish_event(self._js, accepted, timeout=self.config.publish_timeout_s)
+        self._metrics.accepted.inc()
+
+    async def _store_blob(self, name: str, data: bytes) -> None:
+        try:
+            async with asyncio.timeout(self.config.object_store_timeout_s):
+                if self._blobs is None:
+                    self._blobs = await self._js.object_store(OBJECT_STORE_MAIL)
+                await self._blobs.put(name, data)
+        except Exception as exc:
+            raise TransientError(f"object store: {type(exc).__name__}: {exc}") from exc
+
+    # --- errors -------------------------------------------------------------------------
+
+    def _refusal(self, exc: Exception, bound: Any = None) -> str:
+        """The one place an exception becomes an SMTP reply (and a metric)."""
+        logger = bound if bound is not None else log
+        reply: Reply
+        if isinstance(exc, Rejected):
+            reply = exc.reply
+            logger.info("message rejected", reason=reply.reason, reply=str(reply))
+        elif isinstance(exc, PublishError | TransientError):
+            reply = replies.TRY_LATER
+            logger.warning("transient failure", error=str(exc))
+        else:
+            reply = replies.INTERNAL_ERROR
+            logger.error("internal error", exc_info=exc)
+        self._metrics.rejected.labels(reply.reason).inc()
+        return str(reply)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Exceptions aiosmtpd caught in a command handler."""
+        if isinstance(error, TLSSetupException):  # aiosmtpd closes the connection itself
+            log.info("tls handshake failed", error=str(error.__cause__ or error))
+            return "454 4.7.0 TLS not available"
+        return self._refusal(error)

@@ -1,0 +1,207 @@
+"""Per-recipient header rewrite on raw bytes.
+
+Only the header block is edited, field by field; every other byte (the body, the MIME tree,
+the original line endings, fields we do not touch) is copied as received. Re-serialising
+with the ``email`` package would re-fold headers and re-encode parts, which breaks DKIM-like
+expectations of byte identity and costs time per recipient.
+
+``prepare`` reads and strips once per message; ``render`` is the cheap per-recipient step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from email.header import decode_header, make_header
+from email.utils import getaddresses
+from functools import cached_property
+
+_WSP = (b" ", b"\t")
+
+
+@dataclass(frozen=True)
+class HeaderField:
+    """One header field as received: first line, folded continuation lines, line ends."""
+
+    name: str
+    """The field name as written; ``""`` for a line that is not a header field."""
+    raw: bytes
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+    def value(self) -> str:
+        """Unfolded value text (RFC 5322 2.2.3), encoded words left as they are."""
+        _, _, rest = self.raw.partition(b":")
+        unfolded = rest.replace(b"\r\n", b"").replace(b"\n", b"").replace(b"\r", b"")
+        return unfolded.decode("utf-8", "replace").strip()
+
+
+def split_header_block(raw: bytes) -> tuple[list[HeaderField], bytes]:
+    """``(fields, rest)``: ``rest`` starts at the blank line ending the header block (empty
+    when there is none), so ``b"".join(f.raw for f in fields) + rest == raw``."""
+    fields: list[HeaderField] = []
+    pos, end = 0, len(raw)
+    while pos < end:
+        nl = raw.find(b"\n", pos)
+        stop = end if nl < 0 else nl + 1
+        line = raw[pos:stop]
+        if line in (b"\r\n", b"\n"):
+            return fields, raw[pos:]
+        if line[:1] in _WSP and fields:
+            last = fields[-1]
+            fields[-1] = HeaderField(last.name, last.raw + line)
+        else:
+            name, colon, _ = line.partition(b":")
+            valid = bool(colon) and name and not any(c in name for c in b" \t\r\n")
+            fields.append(HeaderField(name.decode("ascii", "replace") if valid else "", line))
+        pos = stop
+    return fields, b""
+
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def normalize_line_endings(raw: bytes) -> bytes:
+    """CRLF everywhere when a client sent bare LFs (RFC 5322 lines end in CRLF; Postal
+    finds the end of the headers at the first CRLF CRLF). Already-CRLF input is returned
+    as is, byte for byte."""
+    if _BARE_LF.search(raw) is None:
+        return raw
+    return _BARE_LF.sub(b"\r\n", raw)
+
+
+def decode_words(text: str) -> str:
+    """Decode RFC 2047 encoded words (``=?utf-8?b?...?=``); the input when it cannot be."""
+    if "=?" not in text:
+        return text
+    try:
+        return str(make_header(decode_header(text)))
+    except (ValueError, LookupError, UnicodeError):
+        return text
+
+
+def message_id_for(mailgate_id: str, domain: str) -> str:
+    return f"<{mailgate_id}@{domain}>"
+
+
+@dataclass(frozen=True)
+class HeaderRules:
+    """Which headers carry AMS's ids and which are stripped (settings, lower-cased here)."""
+
+    external_id_headers: tuple[str, ...] = ("X-AMS-Message-ID", "X-Mailer-RecptId")
+    campaign_id_headers: tuple[str, ...] = ("X-AMS-Campaign-ID", "X-AMS-Mailing-ID")
+    strip_prefixes: tuple[str, ...] = ("X-AMS-",)
+    strip_headers: tuple[str, ...] = ("X-Mailer",)
+    tracking_header: str = "X-Mailgate-Tracking"
+    """A per-message switch: ``off``/``no``/``false``/``0`` disables tracking; stripped."""
+
+    @cached_property
+    def _stripped_names(self) -> frozenset[str]:
+        names = (*self.external_id_headers, *self.campaign_id_headers, *self.strip_headers)
+        return frozenset(h.lower() for h in (*names, self.tracking_header) if h)
+
+    @cached_property
+    def _stripped_prefixes(self) -> tuple[str, ...]:
+        return tuple(p.lower() for p in self.strip_prefixes if p)
+
+    def is_stripped(self, key: str) -> bool:
+        """``key`` is a lower-cased field name."""
+        if not key:
+            return False
+        return key in self._stripped_names or key.startswith(self._stripped_prefixes)
+
+
+_CAMPAIGN_HEADERS = ("x-postal-tag", "x-postmaster-msgtype")
+_TRACKING_OFF = {"off", "no", "false", "0", "disabled"}
+
+
+@dataclass(frozen=True)
+class PreparedMessage:
+    """A message read once, ready to be rendered for each recipient."""
+
+    fields: tuple[HeaderField, ...]
+    rest: bytes
+    newline: bytes
+    external_id: str | None
+    campaign_id: str | None
+    subject: str
+    from_addresses: tuple[str, ...]
+    tracking_opt_out: bool = False
+
+
+def _first_value(fields: list[HeaderField], names: tuple[str, ...]) -> str | None:
+    for name in names:
+        key = name.lower()
+        for f in fields:
+            if f.key == key:
+                value = decode_words(f.value()).strip()
+                if value:
+                    return value
+    return None
+
+
+def _clean_id(value: str | None) -> str | None:
+    if value is None:
+        return None
+    cleaned = "".join(ch for ch in value if ch.isprintable()).strip()
+    return cleaned[:255] or None
+
+
+def prepare(raw: bytes, rules: HeaderRules) -> PreparedMessage:
+    """Read ids, subject and From, then drop the headers ``rules`` strip."""
+    fields, rest = split_header_block(raw)
+    first = fields[0].raw if fields else b""
+    newline = b"\n" if first.endswith(b"\n") and not first.endswith(b"\r\n") else b"\r\n"
+    external_id = _clean_id(_first_value(fields, rules.external_id_headers))
+    campaign_id = _clean_id(_first_value(fields, rules.campaign_id_headers))
+    subject = decode_words(next((f.value() for f in fields if f.key == "subject"), ""))
+    from_values = [decode_words(f.value()) for f in fields if f.key == "from"]
+    from_addresses = tuple(addr for _, addr in getaddresses(from_values) if addr)
+    opt_out = False
+    if rules.tracking_header:
+        switch = _first_value(fields, (rules.tracking_header,))
+        opt_out = switch is not None and switch.lower() in _TRACKING_OFF
+    kept = []
+    for f in fields:
+        if rules.is_stripped(f.key):
+            continue
+        if campaign_id is not None and f.key in _CAMPAIGN_HEADERS:
+            continue  # replaced by ours below; Postal uses the last X-Postal-Tag
+        kept.append(f)
+    return PreparedMessage(
+        fields=tuple(kept),
+        rest=rest,
+        newline=newline,
+        external_id=external_id,
+        campaign_id=campaign_id,
+        subject=subject,
+        from_addresses=from_addresses,
+        tracking_opt_out=opt_out,
+    )
+
+
+def render(prepared: PreparedMessage, *, mailgate_id: str, domain: str) -> bytes:
+    """The recipient's copy: our Message-ID (in place of the old one) and campaign headers."""
+    nl = prepared.newline
+    message_id = b"Message-ID: " + message_id_for(mailgate_id, domain).encode() + nl
+    out = bytearray()
+    placed = False
+    for f in prepared.fields:
+        if f.key == "message-id":
+            if not placed:
+                out += message_id
+                placed = True
+            continue
+        out += f.raw
+        if not f.raw.endswith(b"\n"):
+            out += nl
+    if not placed:
+        out += message_id
+    if prepared.campaign_id is not None:
+        campaign = prepared.campaign_id.encode("utf-8")
+        out += b"X-Postal-Tag: " + campaign + nl
+        out += b"X-Postmaster-Msgtype: " + campaign + nl
+    rest = prepared.rest if prepared.rest else nl
+    return bytes(out + rest)
