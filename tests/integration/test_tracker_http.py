@@ -8,11 +8,11 @@ import aiohttp
 import pytest
 from mailgate_core.schemas import TrackClick, TrackOpen, TrackUnsubscribe, decode
 from mailgate_core.service import ServiceBase
+from mailgate_core.tracking import TokenSigner
 from mailgate_fakes.infra import free_port
 from mailgate_fakes.testing import eventually
 from mailgate_tracker.app import Settings, build
 from mailgate_tracker.pages import PIXEL_GIF
-from mailgate_tracker.tokens import TokenSigner
 from prometheus_client import CollectorRegistry
 
 SECRET = "tracker-test-secret-0123456789"

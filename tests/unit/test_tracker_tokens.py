@@ -5,9 +5,9 @@ import base64
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from mailgate_core.tracking import TokenError, TokenPayload, TokenSigner
 from mailgate_tracker.audience import classify_audience
 from mailgate_tracker.handlers import legacy_host_allowed
-from mailgate_tracker.tokens import TokenError, TokenPayload, TokenSigner
 
 MID = "01JABCDEFGHJKMNPQRSTVWXYZ0"
 signer = TokenSigner(["first-secret-0123456789"])

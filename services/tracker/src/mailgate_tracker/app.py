@@ -5,10 +5,10 @@ from __future__ import annotations
 from aiohttp import web
 from mailgate_core.config import BaseSettings, ConfigError, Secret
 from mailgate_core.service import ServiceBase
+from mailgate_core.tracking import TokenSigner
 from prometheus_client import CollectorRegistry, Counter
 
 from .handlers import TrackerHandlers
-from .tokens import TokenSigner
 
 
 class Settings(BaseSettings, frozen=True, kw_only=True):

@@ -9,6 +9,7 @@ import structlog
 from aiohttp import web
 from mailgate_core.nats import PublishError, publish_event
 from mailgate_core.schemas import Audience, Event, TrackClick, TrackOpen, TrackUnsubscribe
+from mailgate_core.tracking import TokenPayload, TokenSigner
 from nats.js import JetStreamContext
 from prometheus_client import Counter
 from yarl import URL
@@ -21,7 +22,6 @@ from .pages import (
     unsubscribe_confirm_page,
     unsubscribed_page,
 )
-from .tokens import TokenPayload, TokenSigner
 
 log = structlog.get_logger()
 

@@ -9,7 +9,7 @@ A token is ``base64url_nopad(data || mac)`` where::
 The MAC is truncated to 16 bytes (128 bits: far beyond online guessing). The secret is the
 UTF-8 bytes of one ``TRACKING_SECRET`` entry; with several (comma-separated) the first signs
 and every one verifies, so a secret can be rotated without breaking links already sent.
-Whoever makes links (smtp-ingest's rewrite) must produce exactly this format.
+smtp-ingest makes the links and tracker verifies them, both through this module.
 """
 
 from __future__ import annotations
