@@ -1,0 +1,860 @@
+"""The admin HTTP API (``/v1/...``, bearer ``ADMIN_TOKEN``) and the customer webhook
+registration API (``/v1/email/webhook``, bearer = an account's api token).
+
+Handlers translate HTTP to store calls; every change is committed to Postgres first, then
+written to its KV bucket. Errors are RFC 9457 ``application/problem+json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import datetime as dt
+import hashlib
+import hmac
+import io
+import ipaddress
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+import msgspec
+import structlog
+from aiohttp import web
+from mailgate_core.ids import new_ulid
+from mailgate_core.passwords import generate_password, hash_password
+from mailgate_core.records import normalize_email
+
+from . import store
+from .kvsync import KvSync, account_record, credential_record, suppression_record
+from .openapi import openapi_document
+from .status import STATUS_RANK
+from .webhooks import (
+    InvalidWebhookRequest,
+    Resolver,
+    canonical_events,
+    check_public_host,
+    new_secret,
+    parse_url,
+    system_resolver,
+)
+
+log = structlog.get_logger()
+
+_json = msgspec.json.Encoder()
+T = TypeVar("T")
+
+PROBLEM_JSON = "application/problem+json"
+SUPPRESSION_REASONS = ("unsubscribed", "complained", "hard_bounced", "manual")
+_USERNAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$|^localhost$"
+)
+
+
+# --- problems ------------------------------------------------------------------------------
+
+
+class Problem(Exception):
+    """An error answer (RFC 9457)."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str = "",
+        *,
+        slug: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail or title)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.type = f"urn:mailgate:problem:{slug}" if slug else "about:blank"
+        self.headers = dict(headers or {})
+
+
+def problem_response(problem: Problem) -> web.Response:
+    body = {
+        "type": problem.type,
+        "title": problem.title,
+        "status": problem.status,
+        "detail": problem.detail or problem.title,
+    }
+    return web.Response(
+        body=_json.encode(body),
+        status=problem.status,
+        content_type=PROBLEM_JSON,
+        headers=problem.headers,
+    )
+
+
+def bad_request(detail: str, slug: str = "invalid-request") -> Problem:
+    return Problem(400, "Invalid request", detail, slug=slug)
+
+
+def not_found(what: str) -> Problem:
+    return Problem(404, "Not found", f"{what} not found", slug="not-found")
+
+
+def unauthorized(detail: str) -> Problem:
+    return Problem(
+        401, "Unauthorized", detail, slug="unauthorized", headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+# --- request bodies ----------------------------------------------------------------------
+
+
+class AccountIn(msgspec.Struct, kw_only=True):
+    name: str
+    allowed_sender_domains: list[str] = []
+    postal_api_key: str | None = None
+    tracking: bool = True
+
+
+class AccountPatch(msgspec.Struct, kw_only=True):
+    name: str | None = None
+    allowed_sender_domains: list[str] | None = None
+    postal_api_key: str | None = None
+    tracking: bool | None = None
+    disabled: bool | None = None
+
+
+class CredentialIn(msgspec.Struct, kw_only=True):
+    name: str
+    username: str | None = None
+    rate_per_second: float | None = None
+    daily_limit: int | None = None
+    allowed_ips: list[str] = []
+
+
+class CredentialPatch(msgspec.Struct, kw_only=True):
+    disabled: bool | None = None
+
+
+class SuppressionIn(msgspec.Struct, kw_only=True):
+    email: str
+    reason: str = "manual"
+
+
+class EmailIn(msgspec.Struct, kw_only=True):
+    email: str
+
+
+class WebhookIn(msgspec.Struct, kw_only=True):
+    url: str
+    events: list[str] | None = None
+    batch: bool = False
+    legacy_complained_spelling: bool = False
+
+
+class UrlIn(msgspec.Struct, kw_only=True):
+    url: str
+
+
+async def read_json(request: web.Request, cls: type[T]) -> T:
+    body = await request.read()
+    if not body.strip():
+        raise bad_request("a JSON body is required", "invalid-json")
+    try:
+        return msgspec.json.decode(body, type=cls)
+    except msgspec.ValidationError as exc:
+        raise bad_request(str(exc)) from None
+    except msgspec.DecodeError:
+        raise bad_request("the body is not valid JSON", "invalid-json") from None
+
+
+def json_response(value: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_json.encode(value), status=status, content_type="application/json")
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _limit(request: web.Request, default: int = 50, maximum: int = 500) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad_request("limit must be an integer") from None
+    if not 1 <= value <= maximum:
+        raise bad_request(f"limit must be between 1 and {maximum}")
+    return value
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def token_hash(token: str) -> str:
+    """API tokens are 256-bit random values, so a plain SHA-256 is a safe way to store them."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_api_token() -> str:
+    return "mgt_" + secrets.token_urlsafe(32)
+
+
+# --- validation (pure) -------------------------------------------------------------------
+
+
+def clean_name(name: str, what: str = "name") -> str:
+    value = name.strip()
+    if not value or len(value) > 200:
+        raise bad_request(f"{what} must be 1 to 200 characters")
+    return value
+
+
+def clean_domains(domains: list[str]) -> list[str]:
+    out: list[str] = []
+    for raw in domains:
+        domain = raw.strip().lower().rstrip(".")
+        if not _DOMAIN.match(domain):
+            raise bad_request(f"{raw!r} is not a domain name")
+        if domain not in out:
+            out.append(domain)
+    return out
+
+
+def clean_email(raw: str) -> str:
+    email = normalize_email(raw)
+    local, at, domain = email.rpartition("@")
+    if not at or not local or not domain or len(email) > 320 or any(c.isspace() for c in email):
+        raise bad_request(f"{raw!r} is not an email address")
+    return email
+
+
+def clean_reason(raw: str) -> str:
+    reason = raw.strip().lower()
+    if reason == "complined":
+        reason = "complained"
+    if reason not in SUPPRESSION_REASONS:
+        raise bad_request(f"reason must be one of: {', '.join(SUPPRESSION_REASONS)}")
+    return reason
+
+
+def clean_ips(values: list[str]) -> list[str]:
+    out: list[str] = []
+    for raw in values:
+        try:
+            out.append(str(ipaddress.ip_network(raw.strip(), strict=False)))
+        except ValueError:
+            raise bad_request(f"{raw!r} is not an IP address or network") from None
+    return out
+
+
+def username_for(name: str) -> str:
+    """A KV-safe username from a credential name plus a random suffix."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "smtp"
+    suffix = "".join(secrets.choice("abcdefghijkmnpqrstuvwxyz23456789") for _ in range(6))
+    return f"{slug}-{suffix}"
+
+
+# --- views -------------------------------------------------------------------------------
+
+
+def account_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "allowed_sender_domains": list(row["allowed_sender_domains"] or []),
+        "tracking": row["tracking"],
+        "has_postal_api_key": bool(row["postal_api_key"]),
+        "api_token_prefix": row["api_token_prefix"],
+        "disabled": row["disabled"],
+        "created_at": _iso(row["created_at"]),
+    }
+
+
+def credential_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "username": row["username"],
+        "account_id": row["account_id"],
+        "name": row["name"],
+        "rate_per_second": row["rate_per_second"],
+        "daily_limit": row["daily_limit"],
+        "allowed_ips": list(row["allowed_ips"] or []),
+        "disabled": row["disabled"],
+        "created_at": _iso(row["created_at"]),
+    }
+
+
+def message_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "mailgate_id": row["mailgate_id"],
+        "external_id": row["external_id"],
+        "campaign_id": row["campaign_id"],
+        "postal_id": row["postal_id"],
+        "postal_token": row["postal_token"],
+        "account_id": row["account_id"],
+        "recipient": row["recipient"],
+        "sender": row["sender"],
+        "subject": row["subject"],
+        "size": row["size"],
+        "status": row["status"],
+        "accepted_at": _iso(row["accepted_at"]),
+        "updated_at": _iso(row["updated_at"]),
+    }
+
+
+def event_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "event_id": row["event_id"],
+        "subject": row["subject"],
+        "name": row["name"],
+        "status_event": row["status_name"],
+        "occurred_at": _iso(row["occurred_at"]),
+        "recorded_at": _iso(row["recorded_at"]),
+        "data": row["data"],
+    }
+
+
+def suppression_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"email": row["email"], "reason": row["reason"], "created_at": _iso(row["created_at"])}
+
+
+def endpoint_view(row: Mapping[str, Any], *, secret: bool = False) -> dict[str, Any]:
+    view = {
+        "id": row["id"],
+        "url": row["url"],
+        "events": list(row["events"] or []),
+        "batch": row["batch"],
+        "legacy_complained_spelling": row["legacy_complained_spelling"],
+        "enabled": row["enabled"],
+        "created_at": _iso(row["created_at"]),
+    }
+    if secret:
+        view["secret"] = row["secret"]
+    return view
+
+
+def _rate(numerator: int, denominator: int) -> float | None:
+    return round(numerator / denominator, 4) if denominator else None
+
+
+def campaign_stats_view(
+    campaign_id: str, statuses: dict[str, int], events: dict[str, tuple[int, int]]
+) -> dict[str, Any]:
+    """Counts per message status and per customer event, and the usual rates."""
+
+    def uniq(name: str) -> int:
+        return events.get(name, (0, 0))[1]
+
+    sent = uniq("sent")
+    delivered = uniq("delivered")
+    return {
+        "campaign_id": campaign_id,
+        "messages": sum(statuses.values()),
+        "statuses": {name: statuses.get(name, 0) for name in STATUS_RANK}
+        | {k: v for k, v in statuses.items() if k not in STATUS_RANK},
+        "events": {name: {"total": t, "unique": u} for name, (t, u) in sorted(events.items())},
+        "rates": {
+            "delivery_rate": _rate(delivered, sent),
+            "soft_bounce_rate": _rate(uniq("soft_bounced"), sent),
+            "hard_bounce_rate": _rate(uniq("hard_bounced"), sent),
+            "failure_rate": _rate(uniq("failed"), sum(statuses.values()) - uniq("skipped")),
+            "open_rate": _rate(uniq("opened"), delivered),
+            "click_rate": _rate(uniq("clicked"), delivered),
+            "unsubscribe_rate": _rate(uniq("unsubscribed"), delivered),
+            "complaint_rate": _rate(uniq("complained"), delivered),
+        },
+    }
+
+
+# --- application -------------------------------------------------------------------------
+
+
+@dataclass
+class AdminContext:
+    pool: asyncpg.Pool
+    kv: KvSync
+    admin_token: str
+    allow_private_webhooks: bool = False
+    resolve: Resolver = system_resolver
+
+
+CONTEXT = web.AppKey("ledger_admin", AdminContext)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_PUBLIC_PATHS = ("/v1/openapi.json", "/metrics", "/healthz", "/readyz")
+
+
+def _ctx(request: web.Request) -> AdminContext:
+    return request.app[CONTEXT]
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Problem as problem:
+        return problem_response(problem)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return problem_response(Problem(exc.status, exc.reason, exc.text or exc.reason))
+    except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+        log.warning("admin request failed: database unavailable", path=request.path)
+        return problem_response(
+            Problem(503, "Service unavailable", "the database is unavailable; retry later")
+        )
+    except Exception:
+        log.exception("admin request failed", path=request.path, method=request.method)
+        return problem_response(Problem(500, "Internal server error", "unexpected error"))
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    path = request.path
+    if path in _PUBLIC_PATHS or path.startswith("/v1/email/webhook") or not path.startswith("/v1/"):
+        return await handler(request)
+    given = _bearer(request)
+    expected = _ctx(request).admin_token
+    if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise unauthorized("a valid admin bearer token is required")
+    return await handler(request)
+
+
+def make_admin_app(context: AdminContext) -> web.Application:
+    app = web.Application(
+        middlewares=[problem_middleware, auth_middleware], client_max_size=32 * 1024**2
+    )
+    app[CONTEXT] = context
+    r = app.router
+    r.add_get("/v1/openapi.json", get_openapi)
+    r.add_post("/v1/accounts", create_account)
+    r.add_get("/v1/accounts", list_accounts)
+    r.add_get("/v1/accounts/{account_id}", get_account)
+    r.add_patch("/v1/accounts/{account_id}", patch_account)
+    r.add_post("/v1/accounts/{account_id}/api-token", rotate_api_token)
+    r.add_post("/v1/accounts/{account_id}/credentials", create_credential)
+    r.add_get("/v1/accounts/{account_id}/credentials", list_credentials)
+    r.add_patch("/v1/accounts/{account_id}/credentials/{username}", patch_credential)
+    r.add_delete("/v1/accounts/{account_id}/credentials/{username}", delete_credential)
+    r.add_get("/v1/accounts/{account_id}/suppressions", list_suppressions)
+    r.add_post("/v1/accounts/{account_id}/suppressions", add_suppressions)
+    r.add_delete("/v1/accounts/{account_id}/suppressions", remove_suppression)
+    r.add_get("/v1/accounts/{account_id}/webhooks", list_account_webhooks)
+    r.add_get("/v1/messages", find_messages)
+    r.add_get("/v1/messages/{mailgate_id}", get_message)
+    r.add_get("/v1/campaigns/{campaign_id}/stats", campaign_stats)
+    r.add_post("/v1/email/webhook", register_webhook)
+    r.add_get("/v1/email/webhook", get_webhook)
+    r.add_delete("/v1/email/webhook", delete_webhook)
+    return app
+
+
+async def get_openapi(_request: web.Request) -> web.Response:
+    return json_response(openapi_document())
+
+
+# --- accounts ----------------------------------------------------------------------------
+
+
+async def _account_or_404(conn: asyncpg.Connection, account_id: str) -> Mapping[str, Any]:
+    row = await store.get_account(conn, account_id)
+    if row is None:
+        raise not_found(f"account {account_id!r}")
+    return row
+
+
+async def create_account(request: web.Request) -> web.Response:
+    body = await read_json(request, AccountIn)
+    name = clean_name(body.name)
+    domains = clean_domains(body.allowed_sender_domains)
+    postal_key = (body.postal_api_key or "").strip() or None
+    token = new_api_token()
+    ctx = _ctx(request)
+    async with ctx.pool.acquire() as conn:
+        row = await store.insert_account(
+            conn,
+            account_id=new_ulid(),
+            name=name,
+            allowed_sender_domains=domains,
+            postal_api_key=postal_key,
+            tracking=body.tracking,
+            api_token_hash=token_hash(token),
+            api_token_prefix=token[:12],
+        )
+    await ctx.kv.put_account(account_record(row))
+    log.info("account created", account_id=row["id"])
+    return json_response(account_view(row) | {"api_token": token}, status=201)
+
+
+async def list_accounts(request: web.Request) -> web.Response:
+    limit = _limit(request)
+    async with _ctx(request).pool.acquire() as conn:
+        rows = await store.list_accounts(conn, limit=limit, cursor=request.query.get("cursor"))
+    items = [account_view(r) for r in rows]
+    next_cursor = rows[-1]["id"] if len(rows) == limit else None
+    return json_response({"items": items, "next_cursor": next_cursor})
+
+
+async def get_account(request: web.Request) -> web.Response:
+    async with _ctx(request).pool.acquire() as conn:
+        row = await _account_or_404(conn, request.match_info["account_id"])
+    return json_response(account_view(row))
+
+
+async def patch_account(request: web.Request) -> web.Response:
+    body = await read_json(request, AccountPatch)
+    changes: dict[str, Any] = {}
+    if body.name is not None:
+        changes["name"] = clean_name(body.name)
+    if body.allowed_sender_domains is not None:
+        changes["allowed_sender_domains"] = clean_domains(body.allowed_sender_domains)
+    if body.postal_api_key is not None:
+        changes["postal_api_key"] = body.postal_api_key.strip() or None
+    if body.tracking is not None:
+        changes["tracking"] = body.tracking
+    if body.disabled is not None:
+        changes["disabled"] = body.disabled
+    ctx = _ctx(request)
+    account_id = request.match_info["account_id"]
+    async with ctx.pool.acquire() as conn:
+        row = await store.update_account(conn, account_id, changes)
+    if row is None:
+        raise not_found(f"account {account_id!r}")
+    await ctx.kv.put_account(account_record(row))
+    log.info("account updated", account_id=account_id, fields=sorted(changes))
+    return json_response(account_view(row))
+
+
+async def rotate_api_token(request: web.Request) -> web.Response:
+    token = new_api_token()
+    account_id = request.match_info["account_id"]
+    async with _ctx(request).pool.acquire() as conn:
+        row = await store.set_account_token(conn, account_id, token_hash(token), token[:12])
+    if row is None:
+        raise not_found(f"account {account_id!r}")
+    log.info("account api token rotated", account_id=account_id)
+    return json_response(account_view(row) | {"api_token": token})
+
+
+# --- credentials -------------------------------------------------------------------------
+
+
+async def create_credential(request: web.Request) -> web.Response:
+    body = await read_json(request, CredentialIn)
+    name = clean_name(body.name)
+    if body.rate_per_second is not None and body.rate_per_second <= 0:
+        raise bad_request("rate_per_second must be positive")
+    if body.daily_limit is not None and body.daily_limit <= 0:
+        raise bad_request("daily_limit must be positive")
+    allowed_ips = clean_ips(body.allowed_ips)
+    if body.username is not None and (
+        not _USERNAME.match(body.username) or len(body.username) > 64
+    ):
+        raise bad_request("username may hold letters, digits, '-', '_' and inner dots (max 64)")
+    password = generate_password()
+    password_hash = await asyncio.to_thread(hash_password, password)
+    ctx = _ctx(request)
+    account_id = request.match_info["account_id"]
+    async with ctx.pool.acquire() as conn:
+        await _account_or_404(conn, account_id)
+        row = None
+        for _ in range(5):
+            row = await store.insert_credential(
+                conn,
+                username=body.username or username_for(name),
+                account_id=account_id,
+                name=name,
+                password_hash=password_hash,
+                rate_per_second=body.rate_per_second,
+                daily_limit=body.daily_limit,
+                allowed_ips=allowed_ips,
+            )
+            if row is not None or body.username is not None:
+                break
+    if row is None:
+        raise Problem(409, "Conflict", "that username is taken", slug="username-taken")
+    await ctx.kv.put_credential(credential_record(row))
+    log.info("credential created", account_id=account_id, username=row["username"])
+    return json_response(credential_view(row) | {"password": password}, status=201)
+
+
+async def list_credentials(request: web.Request) -> web.Response:
+    account_id = request.match_info["account_id"]
+    async with _ctx(request).pool.acquire() as conn:
+        await _account_or_404(conn, account_id)
+        rows = await store.list_credentials(conn, account_id)
+    return json_response({"items": [credential_view(r) for r in rows], "next_cursor": None})
+
+
+async def _set_credential_disabled(request: web.Request, disabled: bool) -> web.Response:
+    ctx = _ctx(request)
+    account_id = request.match_info["account_id"]
+    username = request.match_info["username"]
+    async with ctx.pool.acquire() as conn:
+        row = await store.set_credential_disabled(conn, account_id, username, disabled)
+    if row is None:
+        raise not_found(f"credential {username!r}")
+    await ctx.kv.put_credential(credential_record(row))
+    log.info("credential updated", account_id=account_id, username=username, disabled=disabled)
+    return json_response(credential_view(row))
+
+
+async def patch_credential(request: web.Request) -> web.Response:
+    body = await read_json(request, CredentialPatch)
+    if body.disabled is None:
+        raise bad_request("nothing to change (supported: disabled)")
+    return await _set_credential_disabled(request, body.disabled)
+
+
+async def delete_credential(request: web.Request) -> web.Response:
+    """Disables the credential (kept for the audit trail)."""
+    return await _set_credential_disabled(request, True)
+
+
+# --- suppressions ------------------------------------------------------------------------
+
+
+def _wants_csv(request: web.Request) -> bool:
+    return request.query.get("format") == "csv" or "text/csv" in request.headers.get("Accept", "")
+
+
+async def list_suppressions(request: web.Request) -> web.StreamResponse:
+    ctx = _ctx(request)
+    account_id = request.match_info["account_id"]
+    if _wants_csv(request):
+        return await _export_suppressions(request, ctx, account_id)
+    limit = _limit(request, default=100, maximum=1000)
+    async with ctx.pool.acquire() as conn:
+        await _account_or_404(conn, account_id)
+        rows = await store.list_suppressions(
+            conn, account_id, limit=limit, cursor=request.query.get("cursor")
+        )
+    next_cursor = rows[-1]["email"] if len(rows) == limit else None
+    return json_response({"items": [suppression_view(r) for r in rows], "next_cursor": next_cursor})
+
+
+async def _export_suppressions(
+    request: web.Request, ctx: AdminContext, account_id: str
+) -> web.StreamResponse:
+    async with ctx.pool.acquire() as conn:
+        await _account_or_404(conn, account_id)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/csv; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="suppressions-{account_id}.csv"',
+        }
+    )
+    await response.prepare(request)
+    await response.write(b"email,reason,created_at\r\n")
+    cursor: str | None = None
+    while True:
+        async with ctx.pool.acquire() as conn:
+            rows = await store.list_suppressions(conn, account_id, limit=5000, cursor=cursor)
+        if not rows:
+            break
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        for row in rows:
+            writer.writerow([row["email"], row["reason"], _iso(row["created_at"])])
+        await response.write(buffer.getvalue().encode())
+        cursor = rows[-1]["email"]
+    await response.write_eof()
+    return response
+
+
+def parse_suppression_csv(text: str) -> list[tuple[str, str]]:
+    """``email[,reason]`` rows, optional header; raises a 400 Problem naming bad lines."""
+    entries: dict[str, str] = {}
+    errors: list[str] = []
+    for number, cells in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not cells or not cells[0].strip():
+            continue
+        if number == 1 and cells[0].strip().lower() == "email":
+            continue
+        try:
+            email = clean_email(cells[0])
+            reason = clean_reason(cells[1]) if len(cells) > 1 and cells[1].strip() else "manual"
+        except Problem as problem:
+            errors.append(f"line {number}: {problem.detail}")
+            continue
+        entries[email] = reason
+    if errors:
+        shown = "; ".join(errors[:10])
+        more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
+        raise bad_request(f"CSV rejected, nothing imported: {shown}{more}", "invalid-csv")
+    return list(entries.items())
+
+
+async def add_suppressions(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    account_id = request.match_info["account_id"]
+    is_csv = request.content_type in ("text/csv", "application/csv")
+    if is_csv:
+        entries = parse_suppression_csv((await request.read()).decode("utf-8-sig", "replace"))
+    else:
+        body = await read_json(request, SuppressionIn)
+        entries = [(clean_email(body.email), clean_reason(body.reason))]
+    rows: list[Mapping[str, Any]] = []
+    async with ctx.pool.acquire() as conn:
+        await _account_or_404(conn, account_id)
+        async with conn.transaction():
+            for start in range(0, len(entries), 5000):
+                chunk = entries[start : start + 5000]
+                rows.extend(await store.upsert_suppressions(conn, account_id, chunk))
+    await ctx.kv.put_suppressions([suppression_record(r) for r in rows])
+    added = sum(1 for r in rows if r["inserted"])
+    log.info("suppressions added", account_id=account_id, count=len(rows), new=added)
+    if is_csv:
+        return json_response({"imported": len(rows), "added": added})
+    return json_response(suppression_view(rows[0]), status=201 if added else 200)
+
+
+async def remove_suppression(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    account_id = request.match_info["account_id"]
+    if "email" in request.query:
+        email = clean_email(request.query["email"])
+    else:
+        email = clean_email((await read_json(request, EmailIn)).email)
+    async with ctx.pool.acquire() as conn:
+        await _account_or_404(conn, account_id)
+        deleted = await store.delete_suppression(conn, account_id, email)
+    if not deleted:
+        raise not_found(f"suppression of {email!r}")
+    await ctx.kv.delete_suppression(account_id, email)
+    log.info("suppression removed", account_id=account_id)
+    return json_response({"email": email, "deleted": True})
+
+
+async def list_account_webhooks(request: web.Request) -> web.Response:
+    account_id = request.match_info["account_id"]
+    async with _ctx(request).pool.acquire() as conn:
+        await _account_or_404(conn, account_id)
+        rows = await store.list_endpoints(conn, account_id)
+    return json_response({"items": [endpoint_view(r) for r in rows], "next_cursor": None})
+
+
+# --- messages and campaigns --------------------------------------------------------------
+
+
+async def get_message(request: web.Request) -> web.Response:
+    mailgate_id = request.match_info["mailgate_id"]
+    async with _ctx(request).pool.acquire() as conn:
+        row = await store.get_message(conn, mailgate_id)
+        if row is None:
+            raise not_found(f"message {mailgate_id!r}")
+        events = await store.message_events(conn, mailgate_id)
+    return json_response(message_view(row) | {"events": [event_view(e) for e in events]})
+
+
+async def find_messages(request: web.Request) -> web.Response:
+    q = request.query
+    limit = _limit(request)
+    postal_id: int | None = None
+    if q.get("postal_id"):
+        try:
+            postal_id = int(q["postal_id"])
+        except ValueError:
+            raise bad_request("postal_id must be an integer") from None
+    status = q.get("status")
+    if status is not None and status not in STATUS_RANK:
+        raise bad_request(f"unknown status {status!r}")
+    async with _ctx(request).pool.acquire() as conn:
+        rows = await store.find_messages(
+            conn,
+            external_id=q.get("external_id") or None,
+            email=q.get("email") or None,
+            campaign_id=q.get("campaign_id") or None,
+            postal_id=postal_id,
+            account_id=q.get("account_id") or None,
+            status=status,
+            limit=limit,
+            cursor=q.get("cursor") or None,
+        )
+    next_cursor = rows[-1]["mailgate_id"] if len(rows) == limit else None
+    return json_response({"items": [message_view(r) for r in rows], "next_cursor": next_cursor})
+
+
+async def campaign_stats(request: web.Request) -> web.Response:
+    campaign_id = request.match_info["campaign_id"]
+    async with _ctx(request).pool.acquire() as conn:
+        statuses = await store.campaign_statuses(conn, campaign_id)
+        events = await store.campaign_events(conn, campaign_id)
+    return json_response(campaign_stats_view(campaign_id, statuses, events))
+
+
+# --- customer webhook registration (account token) ---------------------------------------
+
+
+async def _webhook_account(request: web.Request, conn: asyncpg.Connection) -> Mapping[str, Any]:
+    token = _bearer(request)
+    if token is None:
+        raise unauthorized("an account api token is required (Authorization: Bearer ...)")
+    row = await store.account_by_token_hash(conn, token_hash(token))
+    if row is None or not hmac.compare_digest(row["api_token_hash"], token_hash(token)):
+        raise unauthorized("the api token is not valid")
+    return row
+
+
+async def register_webhook(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    async with ctx.pool.acquire() as conn:
+        account = await _webhook_account(request, conn)
+    body = await read_json(request, WebhookIn)
+    try:
+        host = parse_url(body.url)
+        events = canonical_events(body.events or [])
+        if not ctx.allow_private_webhooks:
+            await check_public_host(host, ctx.resolve)
+    except InvalidWebhookRequest as exc:
+        raise bad_request(str(exc), "invalid-webhook") from None
+    async with ctx.pool.acquire() as conn:
+        row = await store.upsert_endpoint(
+            conn,
+            endpoint_id=new_ulid(),
+            account_id=account["id"],
+            url=body.url.strip(),
+            secret=new_secret(),
+            events=events,
+            batch=body.batch,
+            legacy_complained_spelling=body.legacy_complained_spelling,
+        )
+    await ctx.kv.put_endpoints_of(account["id"])
+    log.info("webhook registered", account_id=account["id"], endpoint_id=row["id"])
+    return json_response(endpoint_view(row, secret=True), status=201 if row["inserted"] else 200)
+
+
+async def get_webhook(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    async with ctx.pool.acquire() as conn:
+        account = await _webhook_account(request, conn)
+        rows = await store.list_endpoints(conn, account["id"])
+    enabled = [r for r in rows if r["enabled"]]
+    return json_response(
+        {
+            "url": enabled[0]["url"] if enabled else None,
+            "webhooks": [endpoint_view(r) for r in rows],
+        }
+    )
+
+
+async def delete_webhook(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    async with ctx.pool.acquire() as conn:
+        account = await _webhook_account(request, conn)
+    url = request.query["url"] if "url" in request.query else (await read_json(request, UrlIn)).url
+    async with ctx.pool.acquire() as conn:
+        row = await store.disable_endpoint(conn, account["id"], url.strip())
+    if row is None:
+        raise not_found(f"webhook {url!r}")
+    await ctx.kv.put_endpoints_of(account["id"])
+    log.info("webhook disabled", account_id=account["id"], endpoint_id=row["id"])
+    return json_response({"url": row["url"], "enabled": False})

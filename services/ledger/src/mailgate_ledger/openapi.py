@@ -1,0 +1,433 @@
+"""The admin API's OpenAPI 3.1 document (hand-written; served at ``GET /v1/openapi.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailgate_core.schemas import STATUS_NAMES
+
+from .status import STATUS_RANK
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+_PROBLEM = {"$ref": "#/components/responses/Problem"}
+_ERRORS = {"400": _PROBLEM, "401": _PROBLEM, "404": _PROBLEM}
+_ACCOUNT_ID = {"name": "account_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_PAGING = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+]
+
+
+def _page(item: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "items": {"type": "array", "items": _ref(item)},
+            "next_cursor": {"type": ["string", "null"]},
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    string = {"type": "string"}
+    nullable_string = {"type": ["string", "null"]}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "mailgate ledger admin API",
+            "version": "1",
+            "description": (
+                "Accounts, SMTP credentials, message history, suppressions and campaign "
+                "statistics (bearer ADMIN_TOKEN), and customer webhook registration under "
+                "/v1/email/webhook (bearer = the account's api_token). Errors are RFC 9457 "
+                "application/problem+json."
+            ),
+        },
+        "security": [{"adminToken": []}],
+        "paths": {
+            "/v1/accounts": {
+                "post": {
+                    "summary": "Create an account; the api_token is shown once",
+                    "requestBody": _body(_ref("AccountIn")),
+                    "responses": {"201": _json(_ref("AccountCreated"), "Created"), **_ERRORS},
+                },
+                "get": {
+                    "summary": "List accounts",
+                    "parameters": _PAGING,
+                    "responses": {"200": _json(_page("Account")), **_ERRORS},
+                },
+            },
+            "/v1/accounts/{account_id}": {
+                "parameters": [_ACCOUNT_ID],
+                "get": {
+                    "summary": "One account",
+                    "responses": {"200": _json(_ref("Account")), **_ERRORS},
+                },
+                "patch": {
+                    "summary": "Change name, domains, Postal key, tracking or disabled",
+                    "requestBody": _body(_ref("AccountPatch")),
+                    "responses": {"200": _json(_ref("Account")), **_ERRORS},
+                },
+            },
+            "/v1/accounts/{account_id}/api-token": {
+                "parameters": [_ACCOUNT_ID],
+                "post": {
+                    "summary": "Replace the account's api_token (shown once)",
+                    "responses": {"200": _json(_ref("AccountCreated")), **_ERRORS},
+                },
+            },
+            "/v1/accounts/{account_id}/credentials": {
+                "parameters": [_ACCOUNT_ID],
+                "post": {
+                    "summary": "Create an SMTP credential; the password is shown once",
+                    "requestBody": _body(_ref("CredentialIn")),
+                    "responses": {
+                        "201": _json(_ref("CredentialCreated"), "Created"),
+                        "409": _PROBLEM,
+                        **_ERRORS,
+                    },
+                },
+                "get": {
+                    "summary": "List the account's credentials",
+                    "responses": {"200": _json(_page("Credential")), **_ERRORS},
+                },
+            },
+            "/v1/accounts/{account_id}/credentials/{username}": {
+                "parameters": [
+                    _ACCOUNT_ID,
+                    {"name": "username", "in": "path", "required": True, "schema": string},
+                ],
+                "patch": {
+                    "summary": "Enable or disable a credential",
+                    "requestBody": _body(
+                        {"type": "object", "properties": {"disabled": {"type": "boolean"}}}
+                    ),
+                    "responses": {"200": _json(_ref("Credential")), **_ERRORS},
+                },
+                "delete": {
+                    "summary": "Disable a credential",
+                    "responses": {"200": _json(_ref("Credential")), **_ERRORS},
+                },
+            },
+            "/v1/accounts/{account_id}/suppressions": {
+                "parameters": [_ACCOUNT_ID],
+                "get": {
+                    "summary": "List suppressed recipients (CSV with format=csv)",
+                    "parameters": [
+                        *_PAGING,
+                        {"name": "format", "in": "query", "schema": {"enum": ["json", "csv"]}},
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "OK",
+                            "content": {
+                                "application/json": {"schema": _page("Suppression")},
+                                "text/csv": {"schema": string},
+                            },
+                        },
+                        **_ERRORS,
+                    },
+                },
+                "post": {
+                    "summary": "Suppress a recipient, or import a CSV (email[,reason] rows)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": _ref("SuppressionIn")},
+                            "text/csv": {"schema": string},
+                        },
+                    },
+                    "responses": {
+                        "201": _json(_ref("Suppression"), "Created"),
+                        "200": _json(_ref("Suppression"), "Updated, or CSV imported"),
+                        **_ERRORS,
+                    },
+                },
+                "delete": {
+                    "summary": 'Remove a suppression ({"email"} body or ?email=)',
+                    "requestBody": _body(
+                        {"type": "object", "required": ["email"], "properties": {"email": string}}
+                    ),
+                    "responses": {"200": _json({"type": "object"}), **_ERRORS},
+                },
+            },
+            "/v1/accounts/{account_id}/webhooks": {
+                "parameters": [_ACCOUNT_ID],
+                "get": {
+                    "summary": "The account's webhook endpoints (secrets hidden)",
+                    "responses": {"200": _json(_page("Webhook")), **_ERRORS},
+                },
+            },
+            "/v1/messages": {
+                "get": {
+                    "summary": "Find messages, newest first",
+                    "parameters": [
+                        *(
+                            {"name": n, "in": "query", "schema": string}
+                            for n in ("external_id", "email", "campaign_id", "account_id")
+                        ),
+                        {"name": "postal_id", "in": "query", "schema": {"type": "integer"}},
+                        {"name": "status", "in": "query", "schema": {"enum": list(STATUS_RANK)}},
+                        *_PAGING,
+                    ],
+                    "responses": {"200": _json(_page("Message")), **_ERRORS},
+                }
+            },
+            "/v1/messages/{mailgate_id}": {
+                "get": {
+                    "summary": "A message with its ids, status and event history",
+                    "parameters": [
+                        {"name": "mailgate_id", "in": "path", "required": True, "schema": string}
+                    ],
+                    "responses": {"200": _json(_ref("MessageDetail")), **_ERRORS},
+                }
+            },
+            "/v1/campaigns/{campaign_id}/stats": {
+                "get": {
+                    "summary": "Counts per status and per event, and rates",
+                    "parameters": [
+                        {"name": "campaign_id", "in": "path", "required": True, "schema": string}
+                    ],
+                    "responses": {"200": _json({"type": "object"}), **_ERRORS},
+                }
+            },
+            "/v1/email/webhook": {
+                "post": {
+                    "summary": "Register (or update) the account's webhook URL",
+                    "security": [{"accountToken": []}],
+                    "requestBody": _body(_ref("WebhookIn")),
+                    "responses": {
+                        "201": _json(_ref("WebhookCreated"), "Created"),
+                        "200": _json(_ref("WebhookCreated"), "Updated"),
+                        **_ERRORS,
+                    },
+                },
+                "get": {
+                    "summary": "The account's webhook URL (and every endpoint)",
+                    "security": [{"accountToken": []}],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "url": nullable_string,
+                                    "webhooks": {"type": "array", "items": _ref("Webhook")},
+                                },
+                            }
+                        ),
+                        **_ERRORS,
+                    },
+                },
+                "delete": {
+                    "summary": "Disable the webhook with this URL",
+                    "security": [{"accountToken": []}],
+                    "requestBody": _body(
+                        {"type": "object", "required": ["url"], "properties": {"url": string}}
+                    ),
+                    "responses": {"200": _json({"type": "object"}), **_ERRORS},
+                },
+            },
+            "/v1/openapi.json": {
+                "get": {"summary": "This document", "security": [], "responses": {"200": _json({})}}
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "adminToken": {"type": "http", "scheme": "bearer", "description": "ADMIN_TOKEN"},
+                "accountToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The account's api_token",
+                },
+            },
+            "responses": {
+                "Problem": {
+                    "description": "RFC 9457 problem details",
+                    "content": {"application/problem+json": {"schema": _ref("Problem")}},
+                }
+            },
+            "schemas": {
+                "Problem": {
+                    "type": "object",
+                    "properties": {
+                        "type": string,
+                        "title": string,
+                        "status": {"type": "integer"},
+                        "detail": string,
+                    },
+                },
+                "AccountIn": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": string,
+                        "allowed_sender_domains": {"type": "array", "items": string},
+                        "postal_api_key": nullable_string,
+                        "tracking": {"type": "boolean", "default": True},
+                    },
+                },
+                "AccountPatch": {
+                    "type": "object",
+                    "properties": {
+                        "name": string,
+                        "allowed_sender_domains": {"type": "array", "items": string},
+                        "postal_api_key": nullable_string,
+                        "tracking": {"type": "boolean"},
+                        "disabled": {"type": "boolean"},
+                    },
+                },
+                "Account": {
+                    "type": "object",
+                    "properties": {
+                        "id": string,
+                        "name": string,
+                        "allowed_sender_domains": {"type": "array", "items": string},
+                        "tracking": {"type": "boolean"},
+                        "has_postal_api_key": {"type": "boolean"},
+                        "api_token_prefix": string,
+                        "disabled": {"type": "boolean"},
+                        "created_at": {"type": "string", "format": "date-time"},
+                    },
+                },
+                "AccountCreated": {
+                    "allOf": [
+                        _ref("Account"),
+                        {"type": "object", "properties": {"api_token": string}},
+                    ]
+                },
+                "CredentialIn": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": string,
+                        "username": string,
+                        "rate_per_second": {"type": ["number", "null"]},
+                        "daily_limit": {"type": ["integer", "null"]},
+                        "allowed_ips": {"type": "array", "items": string},
+                    },
+                },
+                "Credential": {
+                    "type": "object",
+                    "properties": {
+                        "username": string,
+                        "account_id": string,
+                        "name": string,
+                        "rate_per_second": {"type": ["number", "null"]},
+                        "daily_limit": {"type": ["integer", "null"]},
+                        "allowed_ips": {"type": "array", "items": string},
+                        "disabled": {"type": "boolean"},
+                        "created_at": {"type": "string", "format": "date-time"},
+                    },
+                },
+                "CredentialCreated": {
+                    "allOf": [
+                        _ref("Credential"),
+                        {"type": "object", "properties": {"password": string}},
+                    ]
+                },
+                "SuppressionIn": {
+                    "type": "object",
+                    "required": ["email"],
+                    "properties": {
+                        "email": string,
+                        "reason": {
+                            "enum": ["unsubscribed", "complained", "hard_bounced", "manual"],
+                            "default": "manual",
+                        },
+                    },
+                },
+                "Suppression": {
+                    "type": "object",
+                    "properties": {
+                        "email": string,
+                        "reason": string,
+                        "created_at": {"type": "string", "format": "date-time"},
+                    },
+                },
+                "Message": {
+                    "type": "object",
+                    "properties": {
+                        "mailgate_id": string,
+                        "external_id": nullable_string,
+                        "campaign_id": nullable_string,
+                        "postal_id": {"type": ["integer", "null"]},
+                        "postal_token": nullable_string,
+                        "account_id": string,
+                        "recipient": string,
+                        "sender": nullable_string,
+                        "subject": nullable_string,
+                        "size": {"type": ["integer", "null"]},
+                        "status": {"enum": list(STATUS_RANK)},
+                        "accepted_at": {"type": ["string", "null"], "format": "date-time"},
+                        "updated_at": {"type": "string", "format": "date-time"},
+                    },
+                },
+                "MessageDetail": {
+                    "allOf": [
+                        _ref("Message"),
+                        {
+                            "type": "object",
+                            "properties": {
+                                "events": {"type": "array", "items": _ref("HistoryEvent")}
+                            },
+                        },
+                    ]
+                },
+                "HistoryEvent": {
+                    "type": "object",
+                    "properties": {
+                        "event_id": string,
+                        "subject": string,
+                        "name": string,
+                        "status_event": {"enum": [*STATUS_NAMES, None]},
+                        "occurred_at": {"type": "string", "format": "date-time"},
+                        "recorded_at": {"type": "string", "format": "date-time"},
+                        "data": {"type": "object"},
+                    },
+                },
+                "WebhookIn": {
+                    "type": "object",
+                    "required": ["url"],
+                    "properties": {
+                        "url": {"type": "string", "format": "uri"},
+                        "events": {
+                            "type": "array",
+                            "items": {"enum": [*STATUS_NAMES, "complined"]},
+                        },
+                        "batch": {"type": "boolean", "default": False},
+                        "legacy_complained_spelling": {"type": "boolean", "default": False},
+                    },
+                },
+                "Webhook": {
+                    "type": "object",
+                    "properties": {
+                        "id": string,
+                        "url": string,
+                        "events": {"type": "array", "items": string},
+                        "batch": {"type": "boolean"},
+                        "legacy_complained_spelling": {"type": "boolean"},
+                        "enabled": {"type": "boolean"},
+                        "created_at": {"type": "string", "format": "date-time"},
+                    },
+                },
+                "WebhookCreated": {
+                    "allOf": [
+                        _ref("Webhook"),
+                        {"type": "object", "properties": {"secret": {"type": "string"}}},
+                    ]
+                },
+            },
+        },
+    }
