@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Trust the platform's CA store too (registries may sit behind a TLS-inspecting proxy).
 export UV_SYSTEM_CERTS ?= 1
 
-.PHONY: help env test lint typecheck schemas schemas-check pytest run bench chaos clean
+.PHONY: help env test lint typecheck schemas schemas-check pytest run bench clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -45,7 +45,7 @@ run: env ## the whole stack on this machine: NATS, Postgres, Postal sandbox, eve
 	$(PY) -m mailgate_fakes.stack
 
 bench: env ## benchmarks (printing figures)
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean: ## remove .venv, .tools and .data
 	rm -rf $(VENV) $(TOOLS) .data .pytest_cache .ruff_cache .mypy_cache
