@@ -1,102 +1,30 @@
-"""stats-poller against a real nats-server and a tiny AMS JSON-RPC fake."""
+"""stats-poller's AMS loop against a real nats-server and the AMS fake."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from mailgate_core.schemas import AmsMailingProgress, decode
+from mailgate_fakes.ams import AmsFake
 from mailgate_fakes.infra import free_port
 from mailgate_fakes.testing import eventually
-from mailgate_stats_poller.ams_client import AmsClient, AmsRpcError
 from mailgate_stats_poller.app import Settings, StatsPoller, build
 from prometheus_client import CollectorRegistry
 
 API_KEY = "ams-test-key"
-MAILINGS = [
-    {
-        "id": 73,
-        "name": "Spring sale",
-        "type": "regular",
-        "state": "running",
-        "createDate": "2024-03-01 10:00:00",
-        "lastStartDate": "2024-03-02 09:00:00",
-        "approxSpeed": "600/min",
-        "progressInfo": {
-            "percentDone": 50,
-            "total": 2400,
-            "sent": 1200,
-            "notSent": 1150,
-            "bad": 30,
-            "refused": 20,
-            "excluded": 0,
-            "opened": 300,
-            "clicks": 40,
-        },
-    },
-    {
-        "id": 74,
-        "name": "Newsletter",
-        "type": "regular",
-        "state": "idle",
-        "approxSpeed": "0/min",
-        "progressInfo": {"percentDone": 0, "total": 10, "sent": 0},
-    },
-]
-
-
-@dataclass
-class FakeAms:
-    """AMS as the spec describes it: apiKey in params, one command at a time."""
-
-    port: int
-    calls: list[str] = field(default_factory=list)
-    busy: bool = False
-    delay_s: float = 0.0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api/v1"
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        rid = int(body["id"])  # AMS answers with a number although we send a string
-
-        def error(code: int, message: str) -> web.Response:
-            return web.json_response(
-                {"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": rid}
-            )
-
-        if body.get("params", {}).get("apiKey") != API_KEY:
-            return error(-32001, "invalid api key")
-        if self.busy:
-            return error(-32603, "another command is being executed")
-        self.busy = True
-        try:
-            self.calls.append(body["method"])
-            await asyncio.sleep(self.delay_s)
-            if body["method"] != "getMailings":
-                return error(-32601, "method not found")
-            return web.json_response({"jsonrpc": "2.0", "result": MAILINGS, "id": rid})
-        finally:
-            self.busy = False
 
 
 @pytest.fixture
-async def ams() -> AsyncIterator[FakeAms]:
-    fake = FakeAms(port=free_port())
-    app = web.Application()
-    app.router.add_post("/api/v1", fake.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", fake.port).start()
+async def ams() -> AsyncIterator[AmsFake]:
+    fake = AmsFake(API_KEY)
+    fake.add_mailing(73, name="Spring sale", state="running", total=2400, sent=1200, bad=30)
+    fake.add_mailing(74, name="Newsletter", state="idle", total=10)
+    fake.url = await fake.start()  # type: ignore[attr-defined]
     yield fake
-    await runner.cleanup()
+    await fake.stop()
 
 
 @pytest.fixture
@@ -133,29 +61,59 @@ async def mailing_events(js) -> list[AmsMailingProgress]:
     return out
 
 
-async def test_one_poll_publishes_progress_events_and_sets_gauges(js, ams, start_poller) -> None:
+async def test_one_poll_publishes_progress_with_relays_and_sets_gauges(
+    js, ams, start_poller
+) -> None:
+    ams.advance(60)
     service = await start_poller(ams_api_url=ams.url, ams_api_key=API_KEY)
 
     value = service.registry.get_sample_value
     await eventually(lambda: value("mailgate_ams_polls_total", {"result": "ok"}), what="a poll")
-    events = await mailing_events(js)
-    assert sorted(e.mailing_id for e in events) == ["73", "74"]
-    spring = next(e for e in events if e.mailing_id == "73")
-    assert (spring.sent, spring.total, spring.state, spring.approx_speed_per_min) == (
-        1200,
-        2400,
-        "running",
-        600.0,
-    )
-    assert value("mailgate_ams_mailing_sent", {"mailing": "73"}) == 1200
+    events = {e.mailing_id: e for e in await mailing_events(js)}
+    assert set(events) == {"73", "74"}
+    spring = events["73"]
+    assert (spring.sent, spring.total, spring.bad, spring.state) == (1800, 2400, 30, "running")
+    assert spring.approx_speed_per_min == 600.0
+    assert [(r.relay, r.sent) for r in spring.relays] == [
+        ("relay1.example.net", 300),
+        ("relay2.example.net", 300),
+    ]
+    assert events["74"].relays == []  # relays are read for running mailings only
+    assert [c.method for c in ams.calls] == ["getMailings", "getRelaysSendingStates"]
+    assert ams.overlaps == 0
+    assert value("mailgate_ams_mailing_sent", {"mailing": "73"}) == 1800
     assert value("mailgate_ams_mailing_total", {"mailing": "74"}) == 10
-    assert value("mailgate_ams_polls_total", {"result": "ok"}) == 1
-    assert ams.calls == ["getMailings"]
+    relay = {"mailing": "73", "relay": "relay1.example.net"}
+    assert value("mailgate_ams_relay_sent", relay) == 300
+    assert value("mailgate_ams_requests_total", {"method": "getMailings", "outcome": "ok"}) == 1
 
     async with aiohttp.ClientSession() as http:
         url = f"http://127.0.0.1:{service.settings.ops_port}/metrics"
         async with http.get(url) as resp:
-            assert 'mailgate_ams_mailing_sent{mailing="73"} 1200.0' in await resp.text()
+            assert 'mailgate_ams_mailing_sent{mailing="73"} 1800.0' in await resp.text()
+
+
+async def test_only_changed_mailings_are_published_again(js, ams, start_poller) -> None:
+    service = await start_poller(ams_api_url=ams.url, ams_api_key=API_KEY)
+    poller = service.ams_poller
+    await eventually(lambda: poller.polled.is_set(), what="first poll")
+    assert len(await mailing_events(js)) == 2
+    await poller.poll_once()  # nothing changed
+    assert len(await mailing_events(js)) == 2
+    ams.advance(30)  # the running mailing moves on
+    await poller.poll_once()
+    events = await mailing_events(js)
+    assert [e.mailing_id for e in events[2:]] == ["73"]
+    assert events[-1].sent == 1500
+
+
+async def test_a_busy_ams_is_retried_within_the_poll(js, ams, start_poller) -> None:
+    ams.busy_next = 1
+    service = await start_poller(ams_api_url=ams.url, ams_api_key=API_KEY)
+    value = service.registry.get_sample_value
+    await eventually(lambda: value("mailgate_ams_polls_total", {"result": "ok"}), what="a poll")
+    assert value("mailgate_ams_requests_total", {"method": "getMailings", "outcome": "busy"}) == 1
+    assert len(await mailing_events(js)) == 2
 
 
 async def test_a_wrong_api_key_counts_a_failed_poll_and_publishes_nothing(
@@ -167,25 +125,15 @@ async def test_a_wrong_api_key_counts_a_failed_poll_and_publishes_nothing(
         what="failed poll counted",
     )
     assert await mailing_events(js) == []
+    assert [c.outcome for c in ams.calls] == ["auth"]
 
 
 async def test_without_ams_settings_the_service_runs_and_is_ready(start_poller) -> None:
     service = await start_poller()
-    assert service.ams_poller is None
+    assert service.ams_poller is None and service.postmaster_poller is None
     async with aiohttp.ClientSession() as http:
         base = f"http://127.0.0.1:{service.settings.ops_port}"
         async with http.get(f"{base}/readyz") as resp:
             assert resp.status == 200
         async with http.get(f"{base}/healthz") as resp:
             assert resp.status == 200
-
-
-async def test_the_client_serialises_concurrent_calls(ams) -> None:
-    ams.delay_s = 0.05
-    async with aiohttp.ClientSession() as http:
-        client = AmsClient(ams.url, API_KEY, http, timeout_s=5)
-        results = await asyncio.gather(*(client.get_mailings() for _ in range(4)))
-        assert all(len(r) == 2 for r in results)
-        with pytest.raises(AmsRpcError) as info:
-            await client.call("noSuchMethod")
-        assert info.value.code == -32601

@@ -164,6 +164,8 @@ class TrackOpen(Event, frozen=True, kw_only=True):
     user_agent: str | None = None
     audience: Audience = "unknown"
     legacy: bool = False
+    audience_reason: str = ""
+    """Which rule set ``audience`` (``docs/tracking.md``), e.g. ``apple_mpp``, ``early_click``."""
 
 
 class TrackClick(Event, frozen=True, kw_only=True):
@@ -177,6 +179,8 @@ class TrackClick(Event, frozen=True, kw_only=True):
     user_agent: str | None = None
     audience: Audience = "unknown"
     legacy: bool = False
+    audience_reason: str = ""
+    """Which rule set ``audience`` (``docs/tracking.md``), e.g. ``apple_mpp``, ``early_click``."""
 
 
 class TrackUnsubscribe(Event, frozen=True, kw_only=True):
@@ -220,9 +224,32 @@ class StatusEvent(Event, frozen=True, kw_only=True):
     """Unix seconds of the fact (what the outbound webhook's ``event.timestamp`` carries)."""
     data: dict[str, Any] = msgspec.field(default_factory=dict)
     source_event_id: str = ""
+    endpoint_ids: list[str] = msgspec.field(default_factory=list)
+    """Set on a replay from the ledger's dead letters: deliver to these endpoints only
+    (empty: every endpoint of the account that wants the event)."""
 
     def subject(self) -> str:
         return f"status.{self.name}"
+
+
+class WebhookDeadLettered(Event, frozen=True, kw_only=True):
+    """ams-reporter gave up delivering a status event to one endpoint (retry deadline passed).
+
+    Published on ``mail.webhook_dead_lettered`` (MAIL stream: a fact in the message's history)
+    with ``event_id`` ``dl-{status.event_id}-{endpoint_id}``, so a repeat is a no-op. The
+    ledger keeps it as a dead letter listable and replayable through the admin API.
+    """
+
+    subject_prefix: ClassVar[str] = "mail.webhook_dead_lettered"
+
+    status: StatusEvent
+    """The event as it was to be delivered."""
+    endpoint_id: str
+    url: str = ""
+    attempts: int = 0
+    reason: str = ""
+    """The last failure: ``http 503``, ``timeout``, ``connection refused``..."""
+    http_status: int | None = None
 
 
 # --- stats.* (stats-poller) ---------------------------------------------------------------
@@ -249,6 +276,16 @@ class PostmasterDaily(Event, frozen=True, kw_only=True):
     trend: float | None = None
 
 
+class AmsRelayState(msgspec.Struct, frozen=True, kw_only=True):
+    """One SMTP relay of a running mailing (AMS getRelaysSendingStates)."""
+
+    relay: str
+    state: str = ""
+    enabled: bool = True
+    sent: int = 0
+    errors: int = 0
+
+
 class AmsMailingProgress(Event, frozen=True, kw_only=True):
     """AMS's view of a mailing (getMailings.progressInfo)."""
 
@@ -267,6 +304,48 @@ class AmsMailingProgress(Event, frozen=True, kw_only=True):
     excluded: int = 0
     opened: int = 0
     clicks: int = 0
+    relays: list[AmsRelayState] = msgspec.field(default_factory=list)
+    """Per-relay counters, polled for running mailings only (empty otherwise)."""
+
+
+class CampaignAutoStopped(Event, frozen=True, kw_only=True):
+    """ams-reporter stopped a campaign's AMS mailing (``stopMailing``) because one of its rates
+    crossed the configured threshold (docs/autostop.md). ``event_id`` is
+    ``autostop-{campaign}-{generation}``; the counts are those since the last resume."""
+
+    subject_prefix: ClassVar[str] = "stats.campaign.autostopped"
+
+    campaign_id: str = ""
+    account_id: str = ""
+    mailing_id: str = ""
+    """The AMS mailing that was stopped (the campaign id)."""
+    reason: str = ""
+    """``hard_bounce_rate``, ``complaint_rate`` or ``failure_rate``."""
+    rate: float = 0.0
+    threshold: float = 0.0
+    min_volume: int = 0
+    sent: int = 0
+    hard_bounced: int = 0
+    failed: int = 0
+    complained: int = 0
+    generation: int = 1
+    """1 for the first stop; each resume lets a later crossing stop it again (2, 3...)."""
+
+
+class CampaignResumed(Event, frozen=True, kw_only=True):
+    """An automatically stopped campaign was resumed (``startMailing``) through
+    ``ams.control.resume``. ``event_id`` is ``autoresume-{campaign}-{generation}``."""
+
+    subject_prefix: ClassVar[str] = "stats.campaign.resumed"
+
+    campaign_id: str = ""
+    account_id: str = ""
+    mailing_id: str = ""
+    generation: int = 1
+    requested_by: str = ""
+    started: bool = True
+    """False when the stop had failed: the mailing was left as it was and only the auto-stop
+    was cleared."""
 
 
 # --- registry and codecs -----------------------------------------------------------------
@@ -277,6 +356,7 @@ SUBJECTS: dict[str, type[Event]] = {
     "mail.skipped": MailSkipped,
     "mail.submitted": MailSubmitted,
     "mail.failed": MailFailed,
+    "mail.webhook_dead_lettered": WebhookDeadLettered,
     "postal.*": PostalEvent,
     "track.open": TrackOpen,
     "track.click": TrackClick,
@@ -284,6 +364,8 @@ SUBJECTS: dict[str, type[Event]] = {
     "status.*": StatusEvent,
     "stats.postmaster.daily": PostmasterDaily,
     "stats.ams.mailing": AmsMailingProgress,
+    "stats.campaign.autostopped": CampaignAutoStopped,
+    "stats.campaign.resumed": CampaignResumed,
 }
 
 _encoder = msgspec.json.Encoder()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
-from mailgate_core.schemas import AmsMailingProgress
-
-from .ams_client import Mailing
+from mailgate_core.ams import Mailing, RelaySendingState
+from mailgate_core.schemas import AmsMailingProgress, AmsRelayState
 
 _SPEED = re.compile(r"^\s*([0-9]+(?:[.,][0-9]+)?)\s*/\s*(sec|s|min|m|hour|h)\w*\s*$", re.I)
 _PER_MINUTE = {"s": 60.0, "m": 1.0, "h": 1 / 60.0}
@@ -21,7 +21,11 @@ def speed_per_minute(approx_speed: str) -> float:
     return value * _PER_MINUTE[match.group(2)[0].lower()]
 
 
-def to_event(mailing: Mailing) -> AmsMailingProgress:
+def relay_name(relay: RelaySendingState) -> str:
+    return relay.name or str(relay.id if relay.id is not None else "?")
+
+
+def to_event(mailing: Mailing, relays: Sequence[RelaySendingState] = ()) -> AmsMailingProgress:
     p = mailing.progress_info
     return AmsMailingProgress(
         mailing_id=str(mailing.id),
@@ -37,4 +41,16 @@ def to_event(mailing: Mailing) -> AmsMailingProgress:
         excluded=p.excluded,
         opened=p.opened,
         clicks=p.clicks,
+        relays=[
+            AmsRelayState(
+                relay=relay_name(r), state=r.state, enabled=r.enabled, sent=r.sent, errors=r.errors
+            )
+            for r in relays
+        ],
     )
+
+
+def same_progress(a: AmsMailingProgress, b: AmsMailingProgress) -> bool:
+    """True when two observations differ only in event id and time (nothing to publish)."""
+    skip = {"event_id", "occurred_at"}
+    return all(getattr(a, f) == getattr(b, f) for f in a.__struct_fields__ if f not in skip)
