@@ -46,6 +46,8 @@ DEFAULT_PORTS = {
     "webhook-ingest": 8081,
     "tracker": 8082,
     "postal-sandbox": 5080,
+    "ams-fake": 8090,
+    "postmaster-fake": 8091,
     "smtp-ingest-ops": 9101,
     "postal-sender-ops": 9102,
     "ams-reporter-ops": 9106,
@@ -254,6 +256,63 @@ class Stack:
             "POSTAL_WEBHOOK_PUBLIC_KEY": public_key,
         }
 
+    def start_other_fakes(self) -> dict[str, str]:
+        """AMS and Mail.ru Postmaster fakes, unless real ones are configured."""
+        env: dict[str, str] = {}
+        secrets_dir = self.data_dir / "secrets"
+        if os.environ.get("AMS_API_URL"):
+            env["AMS_API_URL"] = os.environ["AMS_API_URL"]
+            env["AMS_API_KEY"] = os.environ.get("AMS_API_KEY", "")
+        else:
+            key = _persisted_secret(secrets_dir / "ams-api-key", lambda: _alnum(32))
+            port = self.ports["ams-fake"]
+            self._spawn(
+                "ams-fake",
+                [
+                    sys.executable,
+                    "-m",
+                    "mailgate_fakes.ams",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--api-key",
+                    key,
+                    "--demo",
+                ],
+                python_env(),
+            )
+            wait_for_port("127.0.0.1", port, timeout_s=20, proc=self.procs["ams-fake"])
+            env |= {"AMS_API_URL": f"{self.url('ams-fake')}/api/v1", "AMS_API_KEY": key}
+        if os.environ.get("POSTMASTER_REFRESH_TOKEN"):
+            for var in ("POSTMASTER_REFRESH_TOKEN", "POSTMASTER_API_URL", "POSTMASTER_TOKEN_URL"):
+                if var in os.environ:
+                    env[var] = os.environ[var]
+        else:
+            token = _persisted_secret(secrets_dir / "postmaster-refresh", lambda: _alnum(32))
+            port = self.ports["postmaster-fake"]
+            argv = [
+                sys.executable,
+                "-m",
+                "mailgate_fakes.postmaster",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--refresh-token",
+                token,
+            ]
+            for domain in self.sender_domains:
+                argv += ["--domain", domain]
+            self._spawn("postmaster-fake", argv, python_env())
+            wait_for_port("127.0.0.1", port, timeout_s=20, proc=self.procs["postmaster-fake"])
+            env |= {
+                "POSTMASTER_REFRESH_TOKEN": token,
+                "POSTMASTER_API_URL": self.url("postmaster-fake"),
+                "POSTMASTER_TOKEN_URL": f"{self.url('postmaster-fake')}/token",
+            }
+        return env
+
     def env_for(
         self, service: str, common: dict[str, str], postal: dict[str, str]
     ) -> dict[str, str]:
@@ -315,6 +374,7 @@ class Stack:
         self.start_infrastructure()
         common = self.common_env()
         postal = self.start_postal_sandbox()
+        common |= self.start_other_fakes()
         self._envs = {s: self.env_for(s, common, postal) for s in SERVICES}
         for service in SERVICES:
             self.start_service(service, self._envs[service])
@@ -404,7 +464,7 @@ class Stack:
 
     def stop(self) -> dict[str, int | None]:
         codes: dict[str, int | None] = {}
-        for name in [*reversed(SERVICES), "postal-sandbox"]:
+        for name in [*reversed(SERVICES), "postal-sandbox", "ams-fake", "postmaster-fake"]:
             codes[name] = self.stop_service(name)
         if self.nats is not None:
             self.nats.stop()
@@ -454,6 +514,7 @@ mailgate is running. Logs: {stack.log_dir}/
   tracker            {stack.url("tracker")}
   Postal webhooks    {stack.url("webhook-ingest")}/api/v1/webhook
   Postal API         {stack.postal_api_url}
+  AMS API            {stack._envs["stats-poller"].get("AMS_API_URL", "-")}
   NATS               {stack.nats_url}
 
 Try:  swaks --server 127.0.0.1:{p["smtp"]} -tls --auth PLAIN \\
