@@ -2,21 +2,24 @@
 
 A token is ``base64url_nopad(data || mac)`` where::
 
-    data = 0x01 (format version) || kind (b"o" open, b"c" click, b"u" unsubscribe)
-           || len(mailgate_id) (1 byte) || mailgate_id (UTF-8) || target URL (UTF-8, clicks only)
+    data = version || kind (b"o" open, b"c" click, b"u" unsubscribe) || id || target URL
+           (UTF-8, clicks only)
+    id   = version 2: the mailgate id as its 16-byte binary ULID (canonical upper-case ULIDs)
+           version 1: len(mailgate_id) (1 byte) || mailgate_id (UTF-8) (any other id)
     mac  = HMAC-SHA256(secret, b"mailgate-track\\x00" || data)[:16]
 
-The MAC is truncated to 16 bytes (128 bits: far beyond online guessing). The secret is the
-UTF-8 bytes of one ``TRACKING_SECRET`` entry; with several (comma-separated) the first signs
-and every one verifies, so a secret can be rotated without breaking links already sent.
-smtp-ingest makes the links and tracker verifies them, both through this module.
+Version 2 saves 10 bytes (13 URL characters) on every link of every message; version 1
+tokens still verify. The MAC is truncated to 16 bytes (128 bits: far beyond online
+guessing). The secret is the UTF-8 bytes of one ``TRACKING_SECRET`` entry; with several
+(comma-separated) the first signs and every one verifies, so a secret can be rotated without
+breaking links already sent. smtp-ingest makes the links and tracker verifies them, both
+through this module.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,12 +27,40 @@ from typing import Literal
 
 TokenKind = Literal["open", "click", "unsubscribe"]
 
-VERSION = 1
+VERSION = 2
+"""The version new tokens get when the mailgate id is a ULID (else ``VERSION_TEXT_ID``)."""
+VERSION_TEXT_ID = 1
 MAC_BYTES = 16
+ULID_BYTES = 16
 MAX_TOKEN_CHARS = 4096
 _DOMAIN = b"mailgate-track\x00"
 _KIND_BYTE: dict[str, bytes] = {"open": b"o", "click": b"c", "unsubscribe": b"u"}
 _BYTE_KIND: dict[int, TokenKind] = {ord("o"): "open", ord("c"): "click", ord("u"): "unsubscribe"}
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+#: Every pair of characters <-> its 10-bit value: a ULID is 13 pairs (130 bits, top 2 zero).
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
+_PAIR_VALUE = {pair: i for i, pair in enumerate(_PAIRS)}
+_SHIFTS = range(120, -1, -10)
+
+
+def _ulid_bytes(mailgate_id: str) -> bytes | None:
+    """The 16 bytes of a canonical (upper-case, 26-char, <= 128-bit) ULID, else ``None``."""
+    if len(mailgate_id) != 26:
+        return None
+    value = 0
+    for i in range(0, 26, 2):
+        pair = _PAIR_VALUE.get(mailgate_id[i : i + 2])
+        if pair is None:
+            return None
+        value = (value << 10) | pair
+    if value >> 128:
+        return None
+    return value.to_bytes(ULID_BYTES, "big")
+
+
+def _ulid_text(raw: bytes) -> str:
+    value = int.from_bytes(raw, "big")
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
 
 
 @dataclass(frozen=True)
@@ -66,13 +97,18 @@ class TokenSigner:
         self._keys = keys
 
     def _mac(self, key: bytes, data: bytes) -> bytes:
-        return hmac.new(key, _DOMAIN + data, hashlib.sha256).digest()[:MAC_BYTES]
+        return hmac.digest(key, _DOMAIN + data, "sha256")[:MAC_BYTES]
 
     def _make(self, kind: TokenKind, mailgate_id: str, url: str = "") -> str:
-        mid = mailgate_id.encode()
-        if not mid or len(mid) > 255:
-            raise TokenError("mailgate_id must be 1..255 bytes")
-        data = bytes([VERSION]) + _KIND_BYTE[kind] + bytes([len(mid)]) + mid + url.encode()
+        packed = _ulid_bytes(mailgate_id)
+        if packed is not None:
+            head = bytes([VERSION]) + _KIND_BYTE[kind] + packed
+        else:
+            mid = mailgate_id.encode()
+            if not mid or len(mid) > 255:
+                raise TokenError("mailgate_id must be 1..255 bytes")
+            head = bytes([VERSION_TEXT_ID]) + _KIND_BYTE[kind] + bytes([len(mid)]) + mid
+        data = head + url.encode()
         return _b64encode(data + self._mac(self._keys[0], data))
 
     def make_open_token(self, mailgate_id: str) -> str:
@@ -97,15 +133,24 @@ class TokenSigner:
         valid = False
         for key in self._keys:  # no early exit: time does not tell which key matched
             valid |= hmac.compare_digest(mac, self._mac(key, data))
-        if not valid or data[0] != VERSION:
+        if not valid:
             return None
         kind = _BYTE_KIND.get(data[1])
-        mid_len = data[2]
-        if kind is None or mid_len == 0 or len(data) < 3 + mid_len:
+        if kind is None:
+            return None
+        if data[0] == VERSION and len(data) >= 2 + ULID_BYTES:
+            mailgate_id = _ulid_text(data[2 : 2 + ULID_BYTES])
+            rest_raw = data[2 + ULID_BYTES :]
+        elif data[0] == VERSION_TEXT_ID and data[2] and len(data) >= 3 + data[2]:
+            try:
+                mailgate_id = data[3 : 3 + data[2]].decode()
+            except UnicodeDecodeError:
+                return None
+            rest_raw = data[3 + data[2] :]
+        else:
             return None
         try:
-            mailgate_id = data[3 : 3 + mid_len].decode()
-            rest = data[3 + mid_len :].decode()
+            rest = rest_raw.decode()
         except UnicodeDecodeError:
             return None
         if kind == "click":

@@ -57,3 +57,14 @@ def unsubscribed_page() -> str:
         '<p class="en" lang="en">You have been unsubscribed and will no longer receive '
         "these emails.</p>",
     )
+
+
+def unsubscribe_failed_page() -> str:
+    """503 for a person who pressed the button while the event could not be recorded."""
+    return _page(
+        "Попробуйте ещё раз / Please try again",
+        "<h1>Отписаться не получилось</h1>"
+        "<p>Сейчас мы не можем записать вашу отписку. Пожалуйста, повторите через минуту.</p>"
+        '<p class="en" lang="en">We could not record your unsubscribe right now. '
+        "Please try again in a minute.</p>",
+    )
