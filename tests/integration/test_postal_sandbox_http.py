@@ -209,7 +209,8 @@ async def test_outcomes_follow_the_recipient_local_part(receiver: Receiver) -> N
     await sandbox.start()
     try:
         data = base64.b64encode(RAW).decode()
-        rcpts = ["ok@x.com", "bounce+1@x.com", "delay@x.com", "hold@x.com"]
+        rcpts = ["ok@x.com", "bounce+1@x.com", "delay@x.com", "hold@x.com", "click@x.com"]
+        rcpts += ["open@x.com"]
         sandbox.call(
             "send/raw", {"rcpt_to": rcpts, "mail_from": "m@ours.example", "data": data}, KEY
         )
@@ -226,6 +227,92 @@ async def test_outcomes_follow_the_recipient_local_part(receiver: Receiver) -> N
             "bounce+1@x.com": ["MessageBounced", "MessageSent"],
             "delay@x.com": ["MessageDelayed", "MessageSent"],
             "hold@x.com": ["MessageHeld"],
+            "click@x.com": ["MessageLinkClicked", "MessageSent"],
+            "open@x.com": ["MessageLoaded", "MessageSent"],
         }
+        clicked = next(m for m in sandbox.messages if m["rcpt_to"] == "click@x.com")
+        answer = sandbox.call(
+            "messages/message", {"id": clicked["id"], "_expansions": ["activity_entries"]}, KEY
+        )
+        activity = answer["data"]["activity_entries"]
+        assert (len(activity["clicks"]), activity["loads"]) == (1, [])
+    finally:
+        await sandbox.stop()
+
+
+@pytest.mark.parametrize(("mode", "status"), [("http_503", 503), ("timeout", 504)])
+async def test_an_outage_fails_every_request_for_its_duration(
+    http: aiohttp.ClientSession, mode: str, status: int
+) -> None:
+    sandbox, base = await start_sandbox(None)
+    headers = {"X-Server-API-Key": KEY}
+    try:
+        async with http.post(
+            f"{base}/__sandbox/faults", json={"outage_s": 0.5, "outage_mode": mode}
+        ) as resp:
+            assert (await resp.json())["outage_until"] > 0
+        async with http.post(f"{base}/api/v1/send/raw", json=raw_params(), headers=headers) as resp:
+            assert resp.status == status
+        assert sandbox.messages == []
+
+        async def served() -> bool:
+            async with http.post(
+                f"{base}/api/v1/send/raw", json=raw_params(), headers=headers
+            ) as resp:
+                return resp.status == 200
+
+        await eventually(served, timeout=5, what="outage over")
+        assert len(sandbox.messages) == 1
+    finally:
+        await sandbox.stop()
+
+
+async def test_inbound_mail_is_posted_like_postals_http_endpoint_and_retried(
+    receiver: Receiver,
+) -> None:
+    receiver.statuses = [503]
+    sandbox = PostalSandbox([KEY], inbound_url=await receiver.start(), retry_factor=0.0001)
+    await sandbox.start()
+    raw = b"From: a@x.com\r\nSubject: hi\r\n\r\n" + b"y" * 100 + b"\r\n"
+    try:
+        message = sandbox.route_inbound(raw, "fbl+tag@ours.example", "a@x.com")
+        await sandbox.idle(timeout=10)
+        assert [a["status"] for a in sandbox.inbound_attempts] == [503, 200]
+        (h1, b1), (_h2, b2) = receiver.requests
+        assert b1 == b2
+        document = json.loads(b1)
+        assert document["id"] == message.id
+        assert (document["rcpt_to"], document["mail_from"]) == ("fbl+tag@ours.example", "a@x.com")
+        assert (document["base64"], document["size"]) == (True, len(raw))
+        lines = document["message"].split("\n")
+        assert max(len(line) for line in lines) == 60 and document["message"].endswith("\n")
+        assert base64.b64decode(document["message"]) == raw
+        assert h1["Content-Type"] == "application/json"
+        assert KeyRing.from_setting(sandbox.public_key_b64()).verify(b1, h1).ok
+        assert [d.status for d in message.deliveries] == ["SoftFail", "Sent"]
+    finally:
+        await sandbox.stop()
+
+
+async def test_an_inbound_4xx_is_a_hard_fail_without_retry(
+    http: aiohttp.ClientSession, receiver: Receiver
+) -> None:
+    receiver.statuses = [404]
+    sandbox = PostalSandbox([KEY], inbound_url=await receiver.start(), retry_factor=0.0001)
+    base = await sandbox.start()
+    try:
+        async with http.post(
+            f"{base}/__sandbox/inbound",
+            json={
+                "rcpt_to": "x@ours.example",
+                "raw": "Subject: a\r\n\r\nb",
+                "encoding": "FormData",
+            },
+        ) as resp:
+            ident = (await resp.json())["id"]
+        await sandbox.idle(timeout=10)
+        assert [a["status"] for a in sandbox.inbound_attempts] == [404]
+        assert receiver.requests[0][0]["Content-Type"] == "application/x-www-form-urlencoded"
+        assert sandbox.message(ident).status == "HardFail"
     finally:
         await sandbox.stop()

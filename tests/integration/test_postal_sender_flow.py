@@ -3,6 +3,7 @@
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 import msgspec
 import nats.errors
 import pytest
@@ -59,12 +60,14 @@ class Harness:
 
     async def start(self, **settings) -> None:
         base = await self.sandbox.start()
+        self.ops_port = free_port()
         values = {
             "nats_url": self.nats_url,
             "postal_api_url": base,
             "postal_api_key": Secret(KEY),
             "ops_host": "127.0.0.1",
-            "ops_port": free_port(),
+            "ops_port": self.ops_port,
+            "reconcile_enabled": False,
             "retry_base_s": 0.05,
             "postal_timeout_s": 2.0,
         }
@@ -93,6 +96,11 @@ class Harness:
 
     def metric(self, name: str, **labels) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
+
+    async def readyz(self) -> tuple[int, dict]:
+        url = f"http://127.0.0.1:{self.ops_port}/readyz"
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            return resp.status, await resp.json()
 
 
 @pytest.fixture
@@ -247,3 +255,83 @@ async def test_a_lost_reply_is_retried_and_counted_as_ambiguous(harness: Harness
     assert harness.metric("mailgate_postal_requests_total", outcome="timeout") == 1
     # Postal has no idempotency key: the first request created a message too.
     assert len(harness.sandbox.messages) == 2
+
+
+async def test_requests_reuse_connections_and_stay_under_the_in_flight_cap(
+    harness: Harness,
+) -> None:
+    harness.sandbox.faults.update({"latency_s": 0.05})
+    await harness.start(postal_max_in_flight=3, send_concurrency=16)
+    for _ in range(24):
+        await publish_event(harness.js, accepted())
+
+    await eventually(lambda: len(harness.sandbox.messages) == 24, what="24 submissions")
+    await eventually(harness.settled, what="consumer settled")
+    assert harness.sandbox.peak_concurrency == 3
+    # One keep-alive connection per slot, reused: 24 requests over at most 3 connections.
+    assert len(set(harness.sandbox.peers)) <= 3
+    assert harness.metric("mailgate_postal_requests_in_flight") == 0
+    assert (
+        harness.metric("mailgate_postal_request_duration_seconds_count", endpoint="send/raw") == 24
+    )
+
+
+async def test_the_rate_cap_spaces_requests_to_postal(harness: Harness) -> None:
+    await harness.start(postal_rate_per_s=20.0)
+    for _ in range(30):
+        await publish_event(harness.js, accepted())
+
+    await eventually(lambda: len(harness.sandbox.messages) == 30, what="30 submissions")
+    stamps = sorted(m["timestamp"] for m in harness.sandbox.messages)
+    # A burst of 20, then 10 more at 20 per second: at least half a second.
+    assert stamps[-1] - stamps[0] >= 0.45
+
+
+async def test_a_postal_outage_loses_nothing_and_costs_few_requests(harness: Harness) -> None:
+    harness.sandbox.faults.start_outage(2.0, "http_503")
+    await harness.start(postal_circuit_failures=3, postal_circuit_open_s=0.2)
+    events = [accepted() for _ in range(5)]
+    for event in events:
+        await publish_event(harness.js, event)
+
+    async def not_ready() -> bool:
+        status, body = await harness.readyz()
+        return status == 503 and "postal" in body["failing"]
+
+    await eventually(not_ready, what="/readyz failing on postal")
+    assert harness.metric("mailgate_postal_circuit_open") == 1
+    submitted = await eventually(
+        lambda: _count(harness.events("mail.submitted", MailSubmitted), 5),
+        timeout=20,
+        what="all 5 submitted after the outage",
+    )
+    assert sorted(s.message.mailgate_id for s in submitted) == sorted(
+        e.message.mailgate_id for e in events
+    )
+    assert len(harness.sandbox.messages) == 5
+    refused = [r for r in harness.sandbox.requests if r["status"] == 503]
+    # Without the circuit every message would retry on its own (~6 times each in 2 s).
+    assert 3 <= len(refused) <= 10
+    assert harness.metric("mailgate_postal_errors_total", code="HTTP503") == len(refused)
+    assert harness.metric("mailgate_postal_deferred_total") >= 1
+    assert await harness.events("mail.failed", MailFailed) == []
+    status, _ = await harness.readyz()
+    assert status == 200
+
+
+async def test_hanging_requests_time_out_and_are_retried_without_duplicates(
+    harness: Harness,
+) -> None:
+    harness.sandbox.faults.start_outage(1.0, "timeout")
+    await harness.start(postal_timeout_s=0.3, postal_circuit_failures=2, postal_circuit_open_s=0.2)
+    await publish_event(harness.js, accepted())
+
+    await eventually(lambda: _count(harness.events("mail.submitted", MailSubmitted), 1), timeout=15)
+    assert len(harness.sandbox.messages) == 1
+    assert harness.metric("mailgate_postal_requests_total", outcome="timeout") >= 1
+    assert harness.metric("mailgate_postal_errors_total", code="Timeout") >= 1
+
+
+async def _count(events, n: int):
+    got = await events
+    return got if len(got) >= n else None

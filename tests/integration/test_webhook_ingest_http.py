@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 KEY = "W" * 24
 DOMAIN = "ours.example"
+JSON = {"Content-Type": "application/json"}
 
 
 class Ingest:
@@ -29,15 +30,17 @@ class Ingest:
         self.url = f"http://127.0.0.1:{self.port}/api/v1/webhook"
         self.service = None
 
-    async def start(self, public_key: str | None = None) -> None:
-        settings = Settings(
-            nats_url=self.nats_url,
-            webhook_host="127.0.0.1",
-            webhook_port=self.port,
-            postal_webhook_public_key=public_key or self.sandbox.public_key_b64(),
-            domain=DOMAIN,
-            webhook_max_body=64 * 1024,
-        )
+    async def start(self, public_key: str | None = None, **overrides) -> None:
+        values = {
+            "nats_url": self.nats_url,
+            "webhook_host": "127.0.0.1",
+            "webhook_port": self.port,
+            "postal_webhook_public_key": public_key or self.sandbox.public_key_b64(),
+            "domain": DOMAIN,
+            "webhook_max_body": 64 * 1024,
+        }
+        values.update(overrides)
+        settings = Settings(**values)
         self.service = await build(settings, registry=self.registry)
         await self.service.start()
         self.sandbox.webhook_url = self.url
@@ -142,7 +145,7 @@ async def test_a_tampered_body_is_refused_and_nothing_published(
         assert resp.content_type == "application/problem+json"
         problem = await resp.json(content_type=None)
     assert problem["status"] == 401 and problem["title"] == "Unauthorized"
-    async with http.post(ingest.url, data=body) as resp:
+    async with http.post(ingest.url, data=body, headers=JSON) as resp:
         assert resp.status == 401
     assert await ingest.events() == []
     assert ingest.metric("mailgate_webhooks_rejected_total", reason="bad_signature") == 1
@@ -184,7 +187,8 @@ async def test_a_signed_body_that_is_not_a_webhook_gets_400(
 ) -> None:
     await ingest.start()
     for body in (b"{not json", b'{"event":"MessageSent","timestamp":1,"uuid":"u","payload":{}}'):
-        async with http.post(ingest.url, data=body, headers=ingest.sandbox.sign(body)) as resp:
+        headers = {**JSON, **ingest.sandbox.sign(body)}
+        async with http.post(ingest.url, data=body, headers=headers) as resp:
             assert resp.status == 400
             assert resp.content_type == "application/problem+json"
     assert await ingest.events() == []
@@ -193,7 +197,8 @@ async def test_a_signed_body_that_is_not_a_webhook_gets_400(
 async def test_an_oversized_body_gets_413(ingest: Ingest, http: aiohttp.ClientSession) -> None:
     await ingest.start()
     body = b"{" + b" " * (64 * 1024) + b"}"
-    async with http.post(ingest.url, data=body, headers=ingest.sandbox.sign(body)) as resp:
+    headers = {**JSON, **ingest.sandbox.sign(body)}
+    async with http.post(ingest.url, data=body, headers=headers) as resp:
         assert resp.status == 413
     assert ingest.metric("mailgate_webhooks_rejected_total", reason="too_large") == 1
 
@@ -220,3 +225,102 @@ async def test_ops_routes_are_on_the_webhook_port(
         assert resp.status == 200
     async with http.get(f"{base}/metrics") as resp:
         assert "mailgate_webhooks_rejected_total" in await resp.text()
+
+
+async def test_a_body_that_is_not_json_content_gets_415(
+    ingest: Ingest, http: aiohttp.ClientSession
+) -> None:
+    await ingest.start()
+    body, headers = signed_body(ingest, message={"id": 1})
+    headers["Content-Type"] = "text/plain"
+    async with http.post(ingest.url, data=body, headers=headers) as resp:
+        assert resp.status == 415
+        assert resp.content_type == "application/problem+json"
+        assert (await resp.json(content_type=None))["title"] == "Unsupported Media Type"
+    assert await ingest.events() == []
+    assert ingest.metric("mailgate_webhooks_rejected_total", reason="unsupported_media_type") == 1
+
+
+async def test_a_replayed_webhook_is_stored_once(
+    ingest: Ingest, http: aiohttp.ClientSession
+) -> None:
+    await ingest.start()
+    mailgate_id = new_ulid()
+    body, headers = signed_body(ingest, message={"id": 5, "message_id": f"{mailgate_id}@{DOMAIN}"})
+    for _ in range(2):  # Postal's retry after a lost 200, or a replay: same uuid
+        async with http.post(ingest.url, data=body, headers=headers) as resp:
+            assert resp.status == 200
+    (event,) = await ingest.events()
+    assert event.mailgate_id == mailgate_id
+    info = await ingest.js.stream_info("POSTAL")
+    assert info.state.messages == 1
+
+
+async def test_a_webhook_signed_by_another_key_is_forged(
+    ingest: Ingest, http: aiohttp.ClientSession
+) -> None:
+    await ingest.start()
+    forger = PostalSandbox([KEY], private_key=generate_private_key())
+    body = json.dumps(
+        {"event": "MessageSent", "timestamp": 1.0, "payload": {"message": {"id": 1}}, "uuid": "f"}
+    ).encode()
+    headers = {"Content-Type": "application/json", **forger.sign(body)}
+    async with http.post(ingest.url, data=body, headers=headers) as resp:
+        assert resp.status == 401
+    assert await ingest.events() == []
+    assert ingest.metric("mailgate_webhooks_rejected_total", reason="bad_signature") == 1
+
+
+async def test_an_unknown_event_is_published_raw_on_postal_unknown(ingest: Ingest) -> None:
+    await ingest.start()
+    hook = ingest.sandbox.emit("MessageTeleported", {"message": {"id": 3}, "where": "Mars"})
+    (event,) = await eventually(ingest.events, what="unknown event")
+    assert event.subject() == "postal.Unknown"
+    assert event.event_id == hook.uuid
+    assert event.payload["event"] == "MessageTeleported"
+    assert event.payload["payload"]["where"] == "Mars"
+    assert event.postal_id == 3
+    assert ingest.metric("mailgate_webhooks_received_total", event="Unknown") == 1
+
+
+async def test_clicks_and_loads_from_the_sandbox_are_published(ingest: Ingest) -> None:
+    await ingest.start()
+    for recipient in ("click@x.com", "open@x.com"):
+        mailgate_id = new_ulid()
+        ingest.sandbox.call(
+            "send/raw",
+            {"rcpt_to": [recipient], "mail_from": f"b@{DOMAIN}", "data": raw_for(mailgate_id)},
+            KEY,
+        )
+
+    async def four() -> list[PostalEvent] | None:
+        events = await ingest.events()
+        return events if len(events) == 4 else None
+
+    events = await eventually(four, what="sent, clicked, sent, loaded")
+    names = sorted(e.event for e in events)
+    assert names == ["MessageLinkClicked", "MessageLoaded", "MessageSent", "MessageSent"]
+    click = next(e for e in events if e.event == "MessageLinkClicked")
+    assert click.payload["url"] and click.payload["ip_address"] == "203.0.113.9"
+    assert click.mailgate_id is not None
+
+
+async def test_a_client_outside_the_allowlist_gets_403(
+    ingest: Ingest, http: aiohttp.ClientSession
+) -> None:
+    await ingest.start(postal_webhook_allowed_ips=["192.0.2.0/24"])
+    body, headers = signed_body(ingest, message={"id": 1})
+    async with http.post(ingest.url, data=body, headers=headers) as resp:
+        assert resp.status == 403
+        assert (await resp.json(content_type=None))["status"] == 403
+    assert ingest.metric("mailgate_webhooks_rejected_total", reason="ip_not_allowed") == 1
+    assert await ingest.events() == []
+
+
+async def test_a_client_inside_the_allowlist_is_served(
+    ingest: Ingest, http: aiohttp.ClientSession
+) -> None:
+    await ingest.start(postal_webhook_allowed_ips=["10.0.0.0/8", "127.0.0.1/32"])
+    body, headers = signed_body(ingest, message={"id": 1})
+    async with http.post(ingest.url, data=body, headers=headers) as resp:
+        assert resp.status == 200

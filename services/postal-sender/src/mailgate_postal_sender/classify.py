@@ -60,7 +60,8 @@ class Retry:
     detail: str = ""
     ambiguous: bool = False
     outcome: str = "transient"
-    """Metric label: ``suspended``, ``http_error``, ``timeout`` or ``connection_error``."""
+    """Metric label: ``suspended``, ``http_error``, ``timeout``, ``connection_error``, or
+    ``deferred`` (not sent at all: the circuit is open)."""
 
 
 Classification = Submitted | Rejected | Retry

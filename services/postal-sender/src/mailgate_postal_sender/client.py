@@ -1,7 +1,14 @@
-"""Postal's send/raw over one shared aiohttp session; answers become ``classify`` values."""
+"""Postal's HTTP API over one shared aiohttp session, behind a gate per Postal server.
+
+The gate bounds requests in flight per server (``POSTAL_MAX_IN_FLIGHT``, a server being one
+API key), spreads them to ``POSTAL_RATE_PER_S`` (a token bucket per server, per replica) and
+stops sending while the circuit is open (Postal looks dead). Answers become ``classify``
+values for send/raw; lookups (messages/*) return the raw answer to the reconciler.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from dataclasses import dataclass
@@ -11,7 +18,9 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from .classify import Classification, classify_response, transport_failure
+from .classify import Classification, Retry, classify_response, transport_failure
+from .limits import Circuit, TokenBucket
+from .metrics import Metrics
 
 _encoder = msgspec.json.Encoder()
 
@@ -31,15 +40,39 @@ async def _on_headers_sent(
         progress.headers_sent = True
 
 
-def new_session(timeout_s: float, concurrency: int) -> aiohttp.ClientSession:
+def new_session(timeout_s: float, connections: int) -> aiohttp.ClientSession:
+    """The one session of the process: keep-alive connections reused across requests."""
     trace = aiohttp.TraceConfig()
     trace.on_request_headers_sent.append(_on_headers_sent)
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=timeout_s),
-        connector=aiohttp.TCPConnector(limit=concurrency),
+        connector=aiohttp.TCPConnector(limit=connections, keepalive_timeout=30.0),
         trace_configs=[trace],
         headers={"User-Agent": "mailgate-postal-sender"},
     )
+
+
+@dataclass(frozen=True)
+class Answered:
+    """Postal (or a proxy in front of it) answered with this HTTP status and body."""
+
+    status: int
+    body: bytes
+
+
+@dataclass(frozen=True)
+class NoAnswer:
+    error: BaseException
+    request_sent: bool
+    """The request left this process: Postal may have acted on it."""
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """Not sent: the circuit is open."""
+
+
+CallResult = Answered | NoAnswer | Deferred
 
 
 @dataclass(frozen=True)
@@ -48,35 +81,105 @@ class SendResult:
     duration_s: float
 
 
-class PostalClient:
-    def __init__(self, session: aiohttp.ClientSession, api_url: str):
-        self._session = session
-        self._url = api_url.rstrip("/") + "/api/v1/send/raw"
+@dataclass
+class _ServerGate:
+    slots: asyncio.Semaphore
+    bucket: TokenBucket
 
-    async def send_raw(
-        self, *, api_key: str, mail_from: str, recipient: str, raw: bytes
-    ) -> SendResult:
-        body = _encoder.encode(
-            {
-                "mail_from": mail_from,
-                "rcpt_to": [recipient],
-                "data": base64.b64encode(raw).decode("ascii"),
-                "bounce": False,
-            }
-        )
+
+class PostalClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        api_url: str,
+        *,
+        metrics: Metrics,
+        max_in_flight: int = 16,
+        rate_per_s: float = 0.0,
+        circuit: Circuit | None = None,
+    ):
+        self._session = session
+        self._base = api_url.rstrip("/") + "/api/v1/"
+        self._metrics = metrics
+        self._max_in_flight = max(1, max_in_flight)
+        self._rate_per_s = rate_per_s
+        self._gates: dict[str, _ServerGate] = {}
+        self.circuit = circuit or Circuit(failure_threshold=5, open_s=5.0)
+
+    @property
+    def postal_alive(self) -> bool:
+        """Readiness: false while the circuit is open."""
+        return not self.circuit.is_open
+
+    def _gate(self, api_key: str) -> _ServerGate:
+        gate = self._gates.get(api_key)
+        if gate is None:
+            gate = _ServerGate(
+                asyncio.Semaphore(self._max_in_flight), TokenBucket(self._rate_per_s)
+            )
+            self._gates[api_key] = gate
+        return gate
+
+    async def call(
+        self, endpoint: str, api_key: str, params: dict[str, Any]
+    ) -> tuple[CallResult, float]:
+        """POST ``params`` to ``/api/v1/<endpoint>``; return what happened and how long it took."""
+        gate = self._gate(api_key)
+        async with gate.slots:
+            delay = gate.bucket.reserve()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if not self.circuit.allow():
+                self._metrics.deferred.inc()
+                return Deferred(), 0.0
+            return await self._post(endpoint, api_key, _encoder.encode(params))
+
+    async def _post(self, endpoint: str, api_key: str, body: bytes) -> tuple[CallResult, float]:
         headers = {"X-Server-API-Key": api_key, "Content-Type": "application/json"}
         progress = _Progress()
+        result: CallResult
         started = time.monotonic()
+        self._metrics.in_flight.inc()
         try:
             async with self._session.post(
-                self._url,
+                self._base + endpoint,
                 data=body,
                 headers=headers,
                 allow_redirects=False,
                 trace_request_ctx=progress,
             ) as response:
-                payload = await response.read()
-                result = classify_response(response.status, payload, recipient)
+                result = Answered(response.status, await response.read())
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            result = transport_failure(exc, request_sent=progress.headers_sent)
-        return SendResult(result, time.monotonic() - started)
+            result = NoAnswer(exc, progress.headers_sent)
+        except BaseException:
+            self.circuit.abandon()  # cancelled: never leave a probe outstanding
+            raise
+        finally:
+            self._metrics.in_flight.dec()
+        duration = time.monotonic() - started
+        self._metrics.duration.labels(endpoint).observe(duration)
+        # Postal itself always answers 200; anything else means it (or its proxy) is unwell.
+        self.circuit.record(isinstance(result, Answered) and result.status == 200)
+        self._metrics.circuit_open.set(1 if self.circuit.is_open else 0)
+        return result, duration
+
+    async def send_raw(
+        self, *, api_key: str, mail_from: str, recipient: str, raw: bytes
+    ) -> SendResult:
+        params = {
+            "mail_from": mail_from,
+            "rcpt_to": [recipient],
+            "data": base64.b64encode(raw).decode("ascii"),
+            "bounce": False,
+        }
+        result, duration = await self.call("send/raw", api_key, params)
+        classification: Classification
+        if isinstance(result, Answered):
+            classification = classify_response(result.status, result.body, recipient)
+        elif isinstance(result, NoAnswer):
+            classification = transport_failure(result.error, request_sent=result.request_sent)
+        else:
+            classification = Retry(
+                "CircuitOpen", "Postal looks unavailable; not sent", outcome="deferred"
+            )
+        return SendResult(classification, duration)

@@ -9,17 +9,26 @@ Order of durable steps (so a crash anywhere repeats no Postal call we know about
 3. A permanent refusal publishes ``mail.failed`` (``rejected``); a transient failure naks
    with backoff until ``RETRY_DEADLINE_S`` after acceptance, then ``retries_exhausted``.
 
+After the record, ``postal-pending[mailgate_id]`` is created for the reconciler (pending.py);
+a redelivery creates it too when the crash came between the two writes.
+
 The one window left is a reply lost after Postal created the message (timeout once the
 request was sent): Postal has no idempotency key, so the retry may duplicate the mail. Those
 retries are counted in ``mailgate_postal_ambiguous_retries_total``.
+
+Fault injection (tests only): ``crash_after_submit=N`` (``MAILGATE_TEST_CRASH_AFTER_SUBMIT``)
+makes the process ``os._exit(137)`` right after the N-th submission record is stored, before
+``mail.submitted`` is published and the message acked: the window a kill -9 can hit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -32,17 +41,20 @@ from mailgate_core.records import AccountRecord
 from mailgate_core.schemas import MailAccepted, MailFailed, MailSubmitted, SchemaError, decode
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from prometheus_client import CollectorRegistry, Counter, Histogram
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from .classify import Rejected, Retry, Submitted
 from .client import PostalClient
+from .metrics import Metrics
+from .pending import PendingRecord, create_pending
 
 log = structlog.get_logger()
 
 _KV_KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
 #: NATS errors that mean "try again later" while reading KV or the object store.
 _NATS_TRANSIENT = (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError)
+#: Exit status of the fault-injection crash (what a SIGKILL'd process reports).
+CRASH_EXIT_STATUS = 137
 
 
 class SubmissionRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,49 +78,18 @@ def submission_key(mailgate_id: str) -> str:
     return hashlib.sha256(mailgate_id.encode()).hexdigest()
 
 
-class Metrics:
-    def __init__(self, registry: CollectorRegistry):
-        self.requests = Counter(
-            "mailgate_postal_requests_total",
-            "Postal send/raw requests by outcome",
-            ["outcome"],
-            registry=registry,
-        )
-        self.duration = Histogram(
-            "mailgate_postal_request_duration_seconds",
-            "Duration of Postal send/raw requests",
-            registry=registry,
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-        )
-        self.submitted = Counter(
-            "mailgate_postal_submitted_total", "Messages Postal accepted", registry=registry
-        )
-        self.failed = Counter(
-            "mailgate_postal_failed_total",
-            "Messages given up on, by reason",
-            ["reason"],
-            registry=registry,
-        )
-        self.ambiguous = Counter(
-            "mailgate_postal_ambiguous_retries_total",
-            "Retries after a request Postal may have received (possible duplicate)",
-            registry=registry,
-        )
-        self.replayed = Counter(
-            "mailgate_postal_replayed_total",
-            "Redelivered messages answered from the submissions record without calling Postal",
-            registry=registry,
-        )
+class TransientError(Exception):
+    """Try again later (NATS trouble, an account record not there yet)."""
 
-
-class _Transient(Exception):
     def __init__(self, code: str, detail: str):
         super().__init__(detail)
         self.code = code
         self.detail = detail
 
 
-class _Permanent(Exception):
+class PermanentError(Exception):
+    """Retrying cannot help (the message body is gone)."""
+
     def __init__(self, code: str, detail: str):
         super().__init__(detail)
         self.code = code
@@ -126,17 +107,45 @@ def store_record_retry() -> AsyncRetrying:
     )
 
 
+class ApiKeys:
+    """The Postal API key for a message: its account's own key, else ``POSTAL_API_KEY``."""
+
+    def __init__(self, accounts: Any, default_api_key: str):
+        self._accounts = accounts
+        self._default = default_api_key
+
+    async def for_account(self, account_id: str | None) -> str:
+        if not account_id:
+            return self._default
+        try:
+            entry = await self._accounts.get(account_id)
+        except nats.js.errors.KeyNotFoundError as exc:
+            # The ledger rewrites the bucket on start: the record may be back soon.
+            raise TransientError("AccountNotFound", f"account {account_id} not in KV") from exc
+        except _NATS_TRANSIENT as exc:
+            raise TransientError("NatsError", f"accounts lookup: {exc}") from exc
+        try:
+            account = _account_decoder.decode(entry.value or b"")
+        except msgspec.DecodeError as exc:
+            raise TransientError("AccountUnreadable", f"account {account_id}: {exc}") from exc
+        return account.postal_api_key or self._default
+
+
 @dataclass
 class Sender:
     js: JetStreamContext
     client: PostalClient
     submissions: Any
-    accounts: Any
+    pending: Any
     blobs: Any
-    default_api_key: str
+    api_keys: ApiKeys
     retry_deadline_s: float
     metrics: Metrics
     retry_base_s: float = 1.0
+    final_keep_s: float = 3600.0
+    """How long final markers are kept (reconciler); a replay older than this skips pending."""
+    crash_after_submit: int = 0
+    _stored: int = field(default=0, init=False)
 
     def _backoff(self, attempt: int) -> float:
         return float(backoff_delay(attempt, base_s=self.retry_base_s))
@@ -159,27 +168,33 @@ class Sender:
 
         try:
             record = await self._load_record(key)
-        except _Transient as exc:
+        except TransientError as exc:
             return await self._retry_later(blog, event, attempt, exc.code, exc.detail)
         if record is not None:
             blog.info("already submitted; re-publishing", postal_id=record.postal_id)
             self.metrics.replayed.inc()
+            if time.time() - record.submitted_at < self.final_keep_s:
+                try:
+                    await self._note_pending(key, event, record)
+                except _NATS_TRANSIENT as exc:
+                    blog.warning("pending record not stored; will retry", error=str(exc))
+                    return Nak(self._backoff(attempt))
             return await self._publish_submitted(blog, event, record, attempt)
 
         try:
             raw = await self._load_raw(event)
-            api_key = await self._api_key(event)
-        except _Permanent as exc:
+            api_key = await self.api_keys.for_account(event.postal_api_key_ref)
+        except PermanentError as exc:
             return await self._fail(blog, event, "rejected", exc.code, exc.detail, attempt)
-        except _Transient as exc:
+        except TransientError as exc:
             return await self._retry_later(blog, event, attempt, exc.code, exc.detail)
 
         result = await self.client.send_raw(
             api_key=api_key, mail_from=event.mail_from, recipient=ref.recipient, raw=raw
         )
         outcome = result.classification
-        self.metrics.requests.labels(outcome.outcome).inc()
-        self.metrics.duration.observe(result.duration_s)
+        if outcome.outcome != "deferred":
+            self.metrics.requests.labels(outcome.outcome).inc()
 
         if isinstance(outcome, Submitted):
             record = SubmissionRecord(
@@ -200,13 +215,23 @@ class Sender:
                 return Nak(self._backoff(attempt))
             self.metrics.submitted.inc()
             blog.info("submitted to postal", postal_id=outcome.postal_id)
+            self._maybe_crash(blog)
+            try:
+                await self._note_pending(key, event, record)
+            except _NATS_TRANSIENT as exc:
+                # The submission record is stored: the redelivery writes it without Postal.
+                blog.warning("pending record not stored; will retry", error=str(exc))
+                return Nak(self._backoff(attempt))
             return await self._publish_submitted(blog, event, record, attempt)
 
         if isinstance(outcome, Rejected):
+            self.metrics.errors.labels(outcome.code).inc()
             blog.warning("postal rejected message", code=outcome.code, detail=outcome.detail)
             return await self._fail(blog, event, "rejected", outcome.code, outcome.detail, attempt)
 
         assert isinstance(outcome, Retry)
+        if outcome.outcome != "deferred":
+            self.metrics.errors.labels(outcome.code).inc()
         if outcome.outcome == "suspended":
             blog.error("postal server suspended; holding mail", detail=outcome.detail)
         if outcome.ambiguous:
@@ -216,13 +241,38 @@ class Sender:
 
     # --- steps ---------------------------------------------------------------------------
 
+    def _maybe_crash(self, blog: Any) -> None:
+        """Fault injection (MAILGATE_TEST_CRASH_AFTER_SUBMIT): die like kill -9 would."""
+        if self.crash_after_submit <= 0:
+            return
+        self._stored += 1
+        if self._stored >= self.crash_after_submit:
+            blog.critical("fault injection: exiting after the submission record")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(CRASH_EXIT_STATUS)
+
+    async def _note_pending(self, key: str, event: MailAccepted, record: SubmissionRecord) -> None:
+        ref = event.message
+        pending = PendingRecord(
+            mailgate_id=ref.mailgate_id,
+            postal_id=record.postal_id,
+            token=record.token,
+            recipient=ref.recipient,
+            account_id=ref.account_id,
+            campaign_id=ref.campaign_id,
+            api_key_ref=event.postal_api_key_ref,
+            submitted_at=record.submitted_at,
+        )
+        await create_pending(self.pending, key, pending)
+
     async def _load_record(self, key: str) -> SubmissionRecord | None:
         try:
             entry = await self.submissions.get(key)
         except nats.js.errors.KeyNotFoundError:
             return None
         except _NATS_TRANSIENT as exc:
-            raise _Transient("NatsError", f"submissions lookup: {exc}") from exc
+            raise TransientError("NatsError", f"submissions lookup: {exc}") from exc
         if not entry.value:
             return None
         try:
@@ -233,36 +283,25 @@ class Sender:
 
     async def _load_raw(self, event: MailAccepted) -> bytes:
         if event.raw is not None:
-            return event.raw
+            return bytes(event.raw)
         if not event.object_name:
-            raise _Permanent("MessageBodyMissing", "mail.accepted carries neither raw nor object")
+            raise PermanentError(
+                "MessageBodyMissing", "mail.accepted carries neither raw nor object"
+            )
         try:
             result = await self.blobs.get(event.object_name)
         except nats.js.errors.ObjectNotFoundError as exc:
-            raise _Permanent("MessageBodyMissing", f"object {event.object_name} not found") from exc
+            raise PermanentError(
+                "MessageBodyMissing", f"object {event.object_name} not found"
+            ) from exc
         except nats.js.errors.ObjectDeletedError as exc:
-            raise _Permanent("MessageBodyMissing", f"object {event.object_name} deleted") from exc
+            raise PermanentError(
+                "MessageBodyMissing", f"object {event.object_name} deleted"
+            ) from exc
         except _NATS_TRANSIENT as exc:
-            raise _Transient("NatsError", f"object store: {exc}") from exc
+            raise TransientError("NatsError", f"object store: {exc}") from exc
         data: bytes | None = result.data
         return bytes(data or b"")
-
-    async def _api_key(self, event: MailAccepted) -> str:
-        account_id = event.postal_api_key_ref
-        if not account_id:
-            return self.default_api_key
-        try:
-            entry = await self.accounts.get(account_id)
-        except nats.js.errors.KeyNotFoundError as exc:
-            # The ledger rewrites the bucket on start: the record may be back soon.
-            raise _Transient("AccountNotFound", f"account {account_id} not in KV") from exc
-        except _NATS_TRANSIENT as exc:
-            raise _Transient("NatsError", f"accounts lookup: {exc}") from exc
-        try:
-            account = _account_decoder.decode(entry.value or b"")
-        except msgspec.DecodeError as exc:
-            raise _Transient("AccountUnreadable", f"account {account_id}: {exc}") from exc
-        return account.postal_api_key or self.default_api_key
 
     async def _publish_submitted(
         self, blog: Any, event: MailAccepted, record: SubmissionRecord, attempt: int

@@ -2,7 +2,13 @@
 
 Message events carry Postal's ``M`` hash under ``message`` (``original_message`` for
 MessageBounced). Its ``message_id`` is the Message-ID we set, ``<mailgate_id@DOMAIN>``
-without brackets, which names our message with no lookup.
+without brackets, which names our message with no lookup. When it is not ours (a message
+sent around mailgate, a Message-ID rewritten on the way) the event still carries Postal's
+id and token, which the ledger maps to the message from ``mail.submitted``.
+
+An event name Postal may add in a later version is not dropped: it is published as
+``postal.Unknown`` (event ``Unknown``) with ``payload = {"source": "webhook", "event":
+<Postal's name>, "payload": <Postal's payload>}``.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from typing import Any
 
 import msgspec
 from mailgate_core.ids import is_ulid
-from mailgate_core.schemas import PostalEvent
+from mailgate_core.schemas import POSTAL_EVENT_NAMES, PostalEvent
 
 #: Events whose payload is ``D`` = {message: M, status, details, output, ...}.
 DELIVERY_EVENTS = frozenset(
@@ -20,6 +26,8 @@ DELIVERY_EVENTS = frozenset(
 )
 #: Events with a ``message`` but no delivery fields.
 TRACKING_EVENTS = frozenset({"MessageLinkClicked", "MessageLoaded"})
+#: Published for webhook events we do not know (and inbound mail we do not recognise).
+UNKNOWN_EVENT = "Unknown"
 
 # An event name becomes a NATS subject token; a uuid becomes the Nats-Msg-Id header.
 _EVENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,63}$")
@@ -86,11 +94,14 @@ def parse_webhook(body: bytes, domain: str) -> PostalEvent:
         raise BadWebhook("bad_shape", "uuid is not an identifier")
     payload = envelope.payload
     name = envelope.event
+    known = name in POSTAL_EVENT_NAMES
 
     fields: dict[str, Any] = {}
     message_key = "original_message" if name == "MessageBounced" else "message"
     message = payload.get(message_key)
     needs_message = name in DELIVERY_EVENTS or name in TRACKING_EVENTS or name == "MessageBounced"
+    if not known and not isinstance(message, dict):
+        message = None
     if message is not None or needs_message:
         if not isinstance(message, dict):
             raise BadWebhook("bad_shape", f"{name} payload has no {message_key} object")
@@ -113,6 +124,15 @@ def parse_webhook(body: bytes, domain: str) -> PostalEvent:
         if isinstance(bounce, dict) and bounce.get("id") is not None:
             fields["details"] = f"bounce message {bounce.get('id')}"
 
+    if not known:
+        return PostalEvent(
+            event_id=envelope.uuid,
+            event=UNKNOWN_EVENT,
+            postal_timestamp=envelope.timestamp,
+            details=f"unknown Postal event {name}",
+            payload={"source": "webhook", "event": name, "payload": payload},
+            **fields,
+        )
     return PostalEvent(
         event_id=envelope.uuid,
         event=name,

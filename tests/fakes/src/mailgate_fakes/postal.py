@@ -16,17 +16,28 @@ What it does like Postal v3.3.6 (spec section in brackets):
   Postal's schedule multiplied by ``retry_factor``, the same uuid and timestamp on every
   attempt (§6-§8).
 
+* Inbound mail routed to an HTTP endpoint (``inbound_url``) as Postal's HTTPSender posts it:
+  ``RawMessage`` format ``{id, rcpt_to, mail_from, message (Ruby Base64.encode64 of the
+  RFC 822 bytes), base64: true, size}`` or ``Hash`` format, JSON (``BodyAsJSON``) or form
+  (``FormData``) encoding, signed like webhooks; 2xx is Sent, 5xx or no answer is retried
+  (SoftFail, 5 min x 1.3^n times ``retry_factor``, 18 attempts), any other status HardFails
+  (app/senders/http_sender.rb, lib/postal/http.rb).
+
 The outcome of a message depends on the recipient's local part (before any ``+``):
 ``bounce`` -> MessageSent then MessageBounced; ``fail`` -> MessageDeliveryFailed (HardFail);
 ``delay`` -> MessageDelayed (SoftFail) then MessageSent; ``hold`` or a suppressed address ->
-MessageHeld; anything else -> MessageSent.
+MessageHeld; ``click`` -> MessageSent then MessageLinkClicked; ``open`` or ``load`` ->
+MessageSent then MessageLoaded; anything else -> MessageSent.
 
-Test hooks: ``sandbox.messages`` (submitted messages), ``sandbox.webhook_attempts``, faults
-(``Faults``; also ``POST /__sandbox/faults``), ``GET /__sandbox/messages``,
-``POST /__sandbox/webhooks`` to emit any event, ``GET /__sandbox/public-key``.
+Test hooks: ``sandbox.messages`` (submitted messages with their MIME), ``sandbox.peers``
+(client address of every API request: connection reuse), ``sandbox.webhook_attempts``,
+``sandbox.inbound_attempts``, faults (``Faults``, including an outage for N seconds; also
+``POST /__sandbox/faults``), ``GET /__sandbox/messages``, ``POST /__sandbox/webhooks`` to emit
+any event, ``POST /__sandbox/inbound`` to route an inbound message to the HTTP endpoint,
+``GET /__sandbox/public-key``.
 
 Run: ``python -m mailgate_fakes.postal --port 5080 --api-key KEY --webhook-url URL
---signing-key signing.key``.
+--inbound-url URL --signing-key signing.key``.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ import re
 import secrets
 import string
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -67,6 +79,10 @@ USER_AGENT = f"Postal/{POSTAL_VERSION}"
 RETRY_SCHEDULE_S: tuple[float, ...] = (120.0, 180.0, 360.0, 600.0, 900.0)
 MAX_ATTEMPTS = 6
 WEBHOOK_TIMEOUT_S = 5.0
+#: HTTP endpoints of routes: Postal's soft-fail retry (5 min x 1.3^attempts), 18 attempts.
+INBOUND_RETRY_BASE_S = 300.0
+INBOUND_MAX_ATTEMPTS = 18
+OUTAGE_MODES = ("http_500", "http_503", "timeout")
 MAX_RECIPIENTS_PER_FIELD = 50
 
 SEND_MESSAGE_ERRORS = {
@@ -266,6 +282,10 @@ class Faults:
     * ``suspended``: every authenticated request gets ``ServerSuspended``.
     * ``webhook_duplicates``: the next N webhooks are delivered twice (same uuid).
     * ``webhook_reorder``: a message's events are emitted in reverse order.
+    * ``outage_s`` (write-only; sets ``outage_until``, unix time) with ``outage_mode``: for
+      that long every API request fails without doing anything: ``http_503`` / ``http_500``
+      answer at once, ``timeout`` hangs until the outage ends and then answers 504.
+    * ``latency_s``: every API request answers this much later (after doing its work).
     """
 
     http_500: int = 0
@@ -275,14 +295,30 @@ class Faults:
     suspended: bool = False
     webhook_duplicates: int = 0
     webhook_reorder: bool = False
+    outage_until: float = 0.0
+    outage_mode: str = "http_503"
+    latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.timeout_s > 0 and self.timeout_requests == 0:
             self.timeout_requests = 1
         if self.timeout_mode not in ("after_send", "before_send"):
             raise ValueError("timeout_mode must be 'after_send' or 'before_send'")
+        if self.outage_mode not in OUTAGE_MODES:
+            raise ValueError(f"outage_mode must be one of {', '.join(OUTAGE_MODES)}")
+
+    def start_outage(self, seconds: float, mode: str = "http_503") -> None:
+        """Postal is down for ``seconds`` from now (5xx at once, or hanging requests)."""
+        self.update({"outage_s": seconds, "outage_mode": mode})
+
+    def outage_remaining_s(self) -> float:
+        return max(0.0, self.outage_until - time.time())
 
     def update(self, changes: dict[str, Any]) -> None:
+        changes = dict(changes)
+        if "outage_s" in changes:
+            seconds = float(changes.pop("outage_s"))
+            changes["outage_until"] = time.time() + seconds if seconds > 0 else 0.0
         names = {f.name: f for f in dataclasses.fields(self)}
         unknown = set(changes) - set(names)
         if unknown:
@@ -347,6 +383,8 @@ class Message:
     status: str = "Pending"
     held: bool = False
     deliveries: list[Delivery] = field(default_factory=list)
+    loads: list[dict[str, Any]] = field(default_factory=list)
+    clicks: list[dict[str, Any]] = field(default_factory=list)
 
     def webhook_hash(self) -> dict[str, Any]:
         """Postal's ``M`` shape."""
@@ -433,9 +471,12 @@ class PostalSandbox:
         faults: Faults | None = None,
         return_path_domain: str = "rp.postal.example.com",
         first_message_id: int = 1,
+        inbound_url: str | None = None,
     ):
         self.api_keys = set(api_keys)
         self.webhook_url = webhook_url
+        #: The HTTP endpoint inbound mail is routed to (a route's HTTPEndpoint).
+        self.inbound_url = inbound_url
         self.private_key = private_key or generate_private_key()
         #: Verified sending domains; ``None`` behaves like a verified ``use_for_any`` domain.
         self.domains = None if domains is None else {d.lower() for d in domains}
@@ -458,6 +499,15 @@ class PostalSandbox:
         self.webhooks: list[Webhook] = []
         #: Every API request: path and the ``status`` answered (or the HTTP status on faults).
         self.requests: list[dict[str, Any]] = []
+        #: The client (host, port) of every API request: few ports = connections reused.
+        self.peers: list[tuple[str, int]] = []
+        #: Most API requests ever handled at the same time.
+        self.peak_concurrency = 0
+        self._active = 0
+        #: Every inbound HTTP endpoint attempt: id, attempt, status (-1 timeout, -2 connection).
+        self.inbound_attempts: list[dict[str, Any]] = []
+        #: Inbound messages routed to the endpoint, in order.
+        self.inbound: list[Message] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -489,6 +539,9 @@ class PostalSandbox:
         self.webhook_attempts.clear()
         self.webhooks.clear()
         self.requests.clear()
+        self.peers.clear()
+        self.inbound_attempts.clear()
+        self.inbound.clear()
 
     # --- serving ------------------------------------------------------------------------
 
@@ -505,6 +558,7 @@ class PostalSandbox:
         app.router.add_get("/__sandbox/webhooks", self._admin_webhooks)
         app.router.add_post("/__sandbox/webhooks", self._admin_emit)
         app.router.add_post("/__sandbox/suppressions", self._admin_suppress)
+        app.router.add_post("/__sandbox/inbound", self._admin_inbound)
         app.router.add_get("/__sandbox/public-key", self._admin_public_key)
         app.cleanup_ctx.append(self._lifetime)
         return app
@@ -567,36 +621,57 @@ class PostalSandbox:
 
     def _http(self, endpoint: str) -> Any:
         async def handler(request: web.Request) -> web.StreamResponse:
-            faults = self.faults
-            if faults.http_500 > 0:
-                faults.http_500 -= 1
-                self.requests.append({"path": request.path, "status": 500})
-                return web.Response(status=500, text="Internal Server Error")
-            sleep_s = 0.0
-            if faults.timeout_requests > 0:
-                faults.timeout_requests -= 1
-                sleep_s = faults.timeout_s
-                if faults.timeout_mode == "before_send":
-                    await asyncio.sleep(sleep_s)
-                    self.requests.append({"path": request.path, "status": 504})
-                    return web.Response(status=504, text="Gateway Timeout")
-            api_key = request.headers.get("X-Server-API-Key")
+            self._active += 1
+            self.peak_concurrency = max(self.peak_concurrency, self._active)
             try:
-                self._authenticate(api_key)
-            except ApiError:
-                # Authentication runs before Rails reads the body.
-                return web.json_response(self.call(endpoint, {}, api_key))
-            try:
-                params = await self._params(request)
-            except web.HTTPException as exc:
-                self.requests.append({"path": request.path, "status": exc.status})
-                raise
-            envelope = self.call(endpoint, params, api_key)
-            if sleep_s:
-                await asyncio.sleep(sleep_s)
-            return web.json_response(envelope)
+                return await self._handle(endpoint, request)
+            finally:
+                self._active -= 1
 
         return handler
+
+    async def _handle(self, endpoint: str, request: web.Request) -> web.StreamResponse:
+        faults = self.faults
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            self.peers.append((str(peer[0]), int(peer[1])))
+        remaining = faults.outage_remaining_s()
+        if remaining > 0:
+            if faults.outage_mode == "timeout":
+                await asyncio.sleep(remaining)
+                self.requests.append({"path": request.path, "status": 504})
+                return web.Response(status=504, text="Gateway Timeout")
+            status = 500 if faults.outage_mode == "http_500" else 503
+            self.requests.append({"path": request.path, "status": status})
+            return web.Response(status=status, text="Postal is down (sandbox outage)")
+        if faults.http_500 > 0:
+            faults.http_500 -= 1
+            self.requests.append({"path": request.path, "status": 500})
+            return web.Response(status=500, text="Internal Server Error")
+        sleep_s = 0.0
+        if faults.timeout_requests > 0:
+            faults.timeout_requests -= 1
+            sleep_s = faults.timeout_s
+            if faults.timeout_mode == "before_send":
+                await asyncio.sleep(sleep_s)
+                self.requests.append({"path": request.path, "status": 504})
+                return web.Response(status=504, text="Gateway Timeout")
+        api_key = request.headers.get("X-Server-API-Key")
+        try:
+            self._authenticate(api_key)
+        except ApiError:
+            # Authentication runs before Rails reads the body.
+            return web.json_response(self.call(endpoint, {}, api_key))
+        try:
+            params = await self._params(request)
+        except web.HTTPException as exc:
+            self.requests.append({"path": request.path, "status": exc.status})
+            raise
+        envelope = self.call(endpoint, params, api_key)
+        sleep_s = max(sleep_s, faults.latency_s)
+        if sleep_s:
+            await asyncio.sleep(sleep_s)
+        return web.json_response(envelope)
 
     def _authenticate(self, key: str | None) -> str:
         if key is None or _blank(key):
@@ -893,7 +968,7 @@ class PostalSandbox:
         if wants("raw_message"):
             out["raw_message"] = base64.encodebytes(message.raw).decode()
         if wants("activity_entries"):
-            out["activity_entries"] = {"loads": [], "clicks": []}
+            out["activity_entries"] = {"loads": list(message.loads), "clicks": list(message.clicks)}
         return out
 
     def _deliveries(self, params: dict[str, Any], _key: str) -> list[dict[str, Any]]:
@@ -954,6 +1029,9 @@ class PostalSandbox:
             "fail": ["hardfail"],
             "delay": ["softfail", "sent"],
             "hold": ["held"],
+            "click": ["sent", "clicked"],
+            "open": ["sent", "loaded"],
+            "load": ["sent", "loaded"],
         }.get(local, ["sent"])
 
     def _step(self, message: Message, step: str) -> Webhook | None:
@@ -1015,6 +1093,28 @@ class PostalSandbox:
             )
             payload = {"original_message": message.webhook_hash(), "bounce": bounce.webhook_hash()}
             return Webhook("MessageBounced", payload)
+        if step == "clicked":
+            click: dict[str, Any] = {
+                "url": _first_link(message.raw) or "https://example.com/",
+                "token": secrets.token_urlsafe(6)[:8],
+                "ip_address": "203.0.113.9",
+                "user_agent": "Mozilla/5.0 (sandbox)",
+                "timestamp": time.time(),
+            }
+            message.clicks.append(click)
+            clicked = {k: v for k, v in click.items() if k != "timestamp"}
+            clicked["message"] = message.webhook_hash()
+            return Webhook("MessageLinkClicked", clicked)
+        if step == "loaded":
+            load: dict[str, Any] = {
+                "ip_address": "203.0.113.9",
+                "user_agent": "Mozilla/5.0 (sandbox)",
+                "timestamp": time.time(),
+            }
+            message.loads.append(load)
+            loaded: dict[str, Any] = {k: v for k, v in load.items() if k != "timestamp"}
+            loaded["message"] = message.webhook_hash()
+            return Webhook("MessageLoaded", loaded)
         raise ValueError(step)
 
     def _bounce_for(self, message: Message) -> Message:
@@ -1113,11 +1213,12 @@ class PostalSandbox:
                 await asyncio.sleep(RETRY_SCHEDULE_S[attempt - 1] * self.retry_factor)
         log.warning("webhook dropped after %d attempts: %s %s", MAX_ATTEMPTS, hook.event, hook.uuid)
 
-    async def _post(self, body: bytes, headers: dict[str, str]) -> int:
-        assert self.webhook_url is not None
+    async def _post(self, body: bytes, headers: dict[str, str], url: str | None = None) -> int:
+        target = url or self.webhook_url
+        assert target is not None
         try:
             async with self._client().post(
-                self.webhook_url, data=body, headers=headers, allow_redirects=False
+                target, data=body, headers=headers, allow_redirects=False
             ) as response:
                 await response.read()
                 return response.status
@@ -1128,7 +1229,159 @@ class PostalSandbox:
         except aiohttp.ClientError:
             return -2
 
+    # --- inbound mail routed to an HTTP endpoint ------------------------------------------
+
+    def route_inbound(
+        self,
+        raw: bytes,
+        rcpt_to: str,
+        mail_from: str,
+        *,
+        format: str = "RawMessage",
+        encoding: str = "BodyAsJSON",
+    ) -> Message:
+        """Inbound mail matched a route whose HTTP endpoint is ``inbound_url``: post it there
+        signed, retrying like Postal (5xx and no answer retry, other non-2xx hard fail)."""
+        if format not in ("RawMessage", "Hash"):
+            raise ValueError("format must be 'RawMessage' or 'Hash'")
+        if encoding not in ("BodyAsJSON", "FormData"):
+            raise ValueError("encoding must be 'BodyAsJSON' or 'FormData'")
+        headers = _headers_of(raw)
+        ids = _header_values(headers, "Message-ID")
+        subjects = _header_values(headers, "Subject")
+        message = Message(
+            id=self._next_id,
+            token=_new_token(),
+            rcpt_to=rcpt_to,
+            mail_from=mail_from,
+            raw=raw,
+            message_id=_bracketless(ids[0]) if ids else None,
+            tag=None,
+            subject=subjects[0] if subjects else None,
+            scope="incoming",
+        )
+        self._next_id += 1
+        self._all[message.id] = message
+        self.inbound.append(message)
+        self._schedule(self._deliver_inbound(message, format, encoding))
+        return message
+
+    def inbound_params(self, message: Message, format: str, *, flat: bool) -> dict[str, Any]:
+        """What HTTPSender#parameters builds for ``message``."""
+        if format == "RawMessage":
+            return {
+                "id": message.id,
+                "rcpt_to": message.rcpt_to,
+                "mail_from": message.mail_from,
+                "message": ruby_encode64(message.raw),
+                "base64": True,
+                "size": len(message.raw),
+            }
+        parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(message.raw)
+
+        def last(name: str) -> str | None:
+            values = _header_values(parsed, name)
+            return values[-1] if values else None
+
+        plain = parsed.get_body(("plain",))
+        html = parsed.get_body(("html",))
+        attachments = list(parsed.iter_attachments())
+        params: dict[str, Any] = {
+            "id": message.id,
+            "rcpt_to": message.rcpt_to,
+            "mail_from": message.mail_from,
+            "token": message.token,
+            "subject": message.subject,
+            "message_id": message.message_id,
+            "timestamp": message.timestamp,
+            "size": str(len(message.raw)),
+            "spam_status": "NotChecked",
+            "bounce": False,
+            "received_with_ssl": True,
+            "to": last("To"),
+            "cc": last("Cc"),
+            "from": last("From"),
+            "date": last("Date"),
+            "in_reply_to": last("In-Reply-To"),
+            "references": last("References"),
+            "html_body": html.get_content() if html is not None else None,
+            "attachment_quantity": len(attachments),
+            "auto_submitted": last("Auto-Submitted"),
+            "reply_to": _header_values(parsed, "Reply-To"),
+            "plain_body": plain.get_content() if plain is not None else None,
+        }
+        items = []
+        for part in attachments:
+            decoded = part.get_payload(decode=True)
+            data = decoded if isinstance(decoded, bytes) else b""
+            items.append(
+                {
+                    "filename": part.get_filename() or "",
+                    "content_type": part.get_content_type(),
+                    "size": len(data),
+                    "data": ruby_encode64(data),
+                }
+            )
+        if flat:
+            for i, item in enumerate(items):
+                for name, value in item.items():
+                    params[f"attachments[{i}][{name}]"] = value
+        else:
+            params["attachments"] = items
+        return params
+
+    def inbound_request(
+        self, message: Message, format: str = "RawMessage", encoding: str = "BodyAsJSON"
+    ) -> tuple[bytes, dict[str, str]]:
+        """The exact body and headers Postal posts to the endpoint (signed)."""
+        params = self.inbound_params(message, format, flat=encoding == "FormData")
+        if encoding == "BodyAsJSON":
+            body = json.dumps(params, separators=(",", ":")).encode()
+            content_type = "application/json"
+        else:
+            body = urllib.parse.urlencode({k: _form_value(v) for k, v in params.items()}).encode()
+            content_type = "application/x-www-form-urlencoded"
+        return body, {"Content-Type": content_type, **self.sign(body)}
+
+    async def _deliver_inbound(self, message: Message, format: str, encoding: str) -> None:
+        if not self.inbound_url:
+            self._delivery(message, "HardFail", "No HTTP endpoint configured for the route.")
+            return
+        body, headers = self.inbound_request(message, format, encoding)
+        for attempt in range(1, INBOUND_MAX_ATTEMPTS + 1):
+            status = await self._post(body, headers, self.inbound_url)
+            self.inbound_attempts.append({"id": message.id, "attempt": attempt, "status": status})
+            details = f"Received a {status} from {self.inbound_url}"
+            if 200 <= status < 300:
+                self._delivery(message, "Sent", details)
+                return
+            if status >= 500 or status < 0:
+                self._delivery(message, "SoftFail", details)
+                await asyncio.sleep(INBOUND_RETRY_BASE_S * 1.3**attempt * self.retry_factor)
+                continue
+            self._delivery(message, "HardFail", details)
+            return
+        log.warning("inbound message %d dropped after %d attempts", message.id, attempt)
+
     # --- admin routes ---------------------------------------------------------------------
+
+    async def _admin_inbound(self, request: web.Request) -> web.Response:
+        try:
+            document = await request.json()
+            if "data" in document:
+                raw = base64.b64decode(str(document["data"]))
+            else:
+                raw = str(document["raw"]).encode()
+            message = self.route_inbound(
+                raw,
+                str(document["rcpt_to"]),
+                str(document.get("mail_from") or "someone@example.net"),
+                format=str(document.get("format") or "RawMessage"),
+                encoding=str(document.get("encoding") or "BodyAsJSON"),
+            )
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"id": message.id, "token": message.token})
 
     async def _jwks(self, _request: web.Request) -> web.Response:
         return web.json_response(jwks(self.private_key))
@@ -1201,6 +1454,33 @@ class PostalSandbox:
         )
 
 
+_LINK = re.compile(rb"https?://[^\s\"'<>]+")
+
+
+def _first_link(raw: bytes) -> str | None:
+    match = _LINK.search(raw.split(b"\r\n\r\n", 1)[-1])
+    return match.group(0).decode("ascii", "replace") if match else None
+
+
+def _form_value(value: Any) -> str:
+    """Ruby's ``to_s`` as ``set_form_data`` applies it."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return json.dumps(value)
+    return str(value)
+
+
+def ruby_encode64(data: bytes) -> str:
+    """Ruby ``Base64.encode64``: 60 characters a line, each line ending in a newline."""
+    text = base64.b64encode(data).decode("ascii")
+    return "".join(text[i : i + 60] + "\n" for i in range(0, len(text), 60))
+
+
 def _bracketless(value: Any) -> str | None:
     if value is None:
         return None
@@ -1221,6 +1501,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=5080)
     parser.add_argument("--api-key", action="append", default=[], required=True)
     parser.add_argument("--webhook-url", default=None)
+    parser.add_argument(
+        "--inbound-url",
+        default=None,
+        help="route HTTP endpoint; default: the webhook URL with /api/v1/inbound as its path",
+    )
     parser.add_argument("--signing-key", type=Path, default=Path("signing.key"))
     parser.add_argument(
         "--public-key-out", type=Path, default=None, help="write the public PEM here"
@@ -1239,10 +1524,15 @@ def main(argv: list[str] | None = None) -> None:
     key = load_or_create_private_key(args.signing_key)
     if args.public_key_out is not None:
         args.public_key_out.write_text(public_key_pem(key))
+    inbound_url = args.inbound_url
+    if inbound_url is None and args.webhook_url:
+        parts = urllib.parse.urlsplit(args.webhook_url)
+        inbound_url = urllib.parse.urlunsplit(parts._replace(path="/api/v1/inbound", query=""))
     sandbox = PostalSandbox(
         args.api_key,
         args.webhook_url,
         key,
+        inbound_url=inbound_url,
         domains=args.domain,
         allow_sender=args.allow_sender,
         webhook_delay_ms=args.webhook_delay_ms,
