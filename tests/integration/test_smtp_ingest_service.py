@@ -38,6 +38,8 @@ DOMAIN = "mg.example.net"
 SENDER = "news@shop.example.com"
 USER, PASSWORD = "ams-relay-1", "correct horse battery staple"
 ACCOUNT = "acc1"
+TRACKING_BASE_URL = "https://t.mg.example.net"
+TRACKING_SECRET = "tracking-secret-for-tests"
 
 
 @dataclass
@@ -89,6 +91,8 @@ async def start_service(nats_url: str, creds: Creds) -> AsyncIterator[Factory]:
             publish_timeout_s=1.0,
             kv_timeout_s=1.0,
             shutdown_grace_s=5.0,
+            tracking_base_url=TRACKING_BASE_URL,
+            tracking_secret=TRACKING_SECRET,
         )
         values.update(overrides)
         service = await build(Settings(**values), registry=CollectorRegistry())
@@ -250,6 +254,48 @@ async def test_auth_without_tls_can_be_allowed_explicitly(start_service: Factory
             return smtp.login(USER, PASSWORD)[0]
 
     assert await asyncio.to_thread(session) == 235
+
+
+async def test_data_is_received_exactly_dots_long_lines_and_pipelined_commands(
+    start_service: Factory, js
+) -> None:
+    service = await start_service()
+    long_line = b"x" * 300_000 + b".\r\n"  # far longer than any read buffer
+    body = (
+        b"Ends with a dot.\r\n.starts with a dot\r\n"
+        b".\r\n"  # a lone dot inside the message
+        b"..two dots\r\n" + long_line + b"=2E and . and .\r\nlast line without the final dot"
+    )
+    raw = f"From: {SENDER}\r\nSubject: dots\r\n\r\n".encode() + body
+    stuffed = raw.replace(b"\r\n.", b"\r\n..")
+
+    def session() -> tuple[str, str, str]:
+        with connect(service) as smtp:
+            smtp.login(USER, PASSWORD)
+            smtp.mail(SENDER)
+            smtp.rcpt("ivan@example.org")
+            assert smtp.docmd("DATA")[0] == 354
+            # the end of data and the next transaction's commands in one write (PIPELINING)
+            smtp.send(stuffed + b"\r\n.\r\nMAIL FROM:<" + SENDER.encode() + b">\r\nRSET\r\n")
+            return reply(smtp.getreply()), reply(smtp.getreply()), reply(smtp.getreply())
+
+    data_reply, mail_reply, rset_reply = await asyncio.to_thread(session)
+    assert data_reply.startswith("250 2.0.0 Ok: queued as ")
+    assert (mail_reply, rset_reply) == ("250 2.1.0 Ok", "250 2.0.0 OK")
+    (event,) = await stream_events(js)
+    assert isinstance(event, MailAccepted) and event.raw is not None
+    assert event.raw.endswith(b"\r\n\r\n" + body + b"\r\n")
+
+    def empty() -> str:
+        with connect(service) as smtp:
+            smtp.login(USER, PASSWORD)
+            smtp.mail(SENDER)
+            smtp.rcpt("ivan@example.org")
+            assert smtp.docmd("DATA")[0] == 354
+            smtp.send(b".\r\n")
+            return reply(smtp.getreply())
+
+    assert (await asyncio.to_thread(empty)).startswith("250 ")
 
 
 # --- authentication --------------------------------------------------------------------
@@ -616,6 +662,43 @@ async def test_stop_closes_the_listeners_but_lets_a_message_in_data_finish(
     await stopping
     assert answer.startswith("250 2.0.0 Ok: queued as ")
     assert goodbye == "421 4.3.2 Service shutting down, please retry later"
+    (event,) = await stream_events(js)
+    assert isinstance(event, MailAccepted)
+
+
+async def test_stop_lets_an_open_transaction_send_its_data_and_refuses_new_ones(
+    start_service: Factory, js
+) -> None:
+    service = await start_service()
+    enveloped, resume = threading.Event(), threading.Event()
+
+    def session() -> tuple[str, str]:
+        smtp = connect(service)
+        try:
+            smtp.login(USER, PASSWORD)
+            smtp.mail(SENDER)
+            smtp.rcpt("ivan@example.org")
+            enveloped.set()
+            resume.wait(10)
+            answer = reply(smtp.data(make_message()))  # DATA after stop() began
+            try:
+                refused = reply(smtp.mail(SENDER))  # a new transaction is not started
+            except smtplib.SMTPServerDisconnected:
+                refused = "disconnected before MAIL"
+            return answer, refused
+        finally:
+            smtp.close()
+
+    client = asyncio.ensure_future(asyncio.to_thread(session))
+    await eventually(lambda: enveloped.is_set() and service.intake.open_transactions == 1)
+    stopping = asyncio.ensure_future(service.stop())
+    await eventually(lambda: not service.listening, what="listeners closed")
+    assert not stopping.done()  # waiting for the open transaction
+    resume.set()
+    answer, refused = await client
+    await stopping
+    assert answer.startswith("250 2.0.0 Ok: queued as ")
+    assert refused == "421 4.3.2 Service shutting down, please retry later"
     (event,) = await stream_events(js)
     assert isinstance(event, MailAccepted)
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from email.message import EmailMessage
 
 import pytest
+from aiosmtpd.smtp import SMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mailgate_smtp_ingest import replies
 from mailgate_smtp_ingest.attachments import (
     FORBIDDEN_EXTENSIONS,
@@ -20,6 +23,7 @@ from mailgate_smtp_ingest.policy import (
     is_valid_address,
     sender_allowlist,
 )
+from mailgate_smtp_ingest.server import MailgateSMTP
 
 
 def _with_attachment(filename: str, *, nested: bool = False) -> bytes:
@@ -68,6 +72,17 @@ def test_a_plain_forbidden_attachment_is_found() -> None:
 
 def test_a_harmless_attachment_passes() -> None:
     assert find_forbidden_attachment(_with_attachment("report.pdf")) is None
+
+
+def test_broken_encoded_word_file_names_are_read_as_written_not_raised() -> None:
+    for name in ("=?utf-8?b?0KHQ+utC40LTQutC4?=", "=?utf-8\xff?b?0KHQ?=.exe"):
+        raw = (
+            b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+            b'Content-Type: application/octet-stream; name="' + name.encode("latin-1") + b'"\r\n'
+            b"\r\nMZ\r\n--b--\r\n"
+        )
+        expected = ".exe" if name.endswith(".exe") else None
+        assert find_forbidden_attachment(raw) == expected
 
 
 def test_a_forbidden_attachment_inside_an_attached_message_is_found() -> None:
@@ -188,3 +203,26 @@ def test_send_limiter_rate_and_daily_limits() -> None:
     daily = SendLimiter(rate_per_second=None, daily_limit=2)
     assert [daily.try_acquire(10.0) for _ in range(3)] == [None, None, "daily"]
     assert daily.try_acquire(86400.0 + 10) is None  # a new UTC day
+
+
+_path_chars = st.sampled_from([*"abcXYZ019.-+_=!#'\"@<> ()[]:,;\\", "\u00e9", "\t"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    local=st.text(_path_chars, min_size=0, max_size=12),
+    domain=st.text(_path_chars, min_size=0, max_size=12),
+    params=st.sampled_from(["", " SIZE=100", "  SIZE=1 BODY=8BITMIME ", "SIZE=1"]),
+    space=st.sampled_from(["", " "]),
+)
+def test_the_fast_address_parser_answers_as_aiosmtpd_does(
+    local: str, domain: str, params: str, space: str
+) -> None:
+    server = MailgateSMTP.__new__(MailgateSMTP)
+    server.local_part_limit = 0
+    arg = f"{space}<{local}@{domain}>{params}"
+    try:
+        expected = SMTP._getaddr(server, arg)
+    except Exception:  # aiosmtpd trips on some input ("<0@[>"): ours calls it unparseable
+        expected = (None, None)
+    assert server._getaddr(arg) == expected

@@ -159,3 +159,12 @@ def test_any_bytes_split_back_into_the_same_bytes(raw: bytes) -> None:
     fields, rest = split_header_block(raw)
     assert b"".join(f.raw for f in fields) + rest == raw
     prepare(raw, RULES)  # never raises
+
+
+def test_a_broken_base64_encoded_word_is_left_as_written_not_raised() -> None:
+    broken = "=?utf-8?b?0KHQ+utC40LTQutC4?="  # found by the property tests: HeaderParseError
+    assert decode_words(broken) == broken
+    prepared = prepare(f"Subject: {broken}\r\n\r\nx".encode(), RULES)
+    assert prepared.subject == broken
+    mangled_charset = "=?utf-8\ufffd?b?0KHQutC40LTQutC4?="  # a stray 8-bit byte: CharsetError
+    assert decode_words(mangled_charset) == mangled_charset

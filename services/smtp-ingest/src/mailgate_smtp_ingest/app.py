@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import ssl
 from functools import partial
 
 import structlog
 from mailgate_core.config import BaseSettings, ConfigError, Secret
 from mailgate_core.service import ServiceBase
+from mailgate_core.tracking import TokenSigner
 from prometheus_client import CollectorRegistry
 
 from . import replies
@@ -23,6 +25,7 @@ from .policy import FailureThrottle
 from .rewrite import HeaderRules
 from .server import Intake, MailgateSMTP
 from .tls import context_from_pem, self_signed_pair, server_context
+from .tracking_rewrite import TrackingLinks
 
 log = structlog.get_logger()
 
@@ -64,7 +67,25 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     kv_timeout_s: float = 2.0
     kv_resync_s: float = 60.0
     tracking_base_url: str = ""
+    """Public base URL of the tracker; its open/click/unsubscribe URLs go into every copy."""
     tracking_secret: Secret = Secret("")
+    """Comma-separated; the first signs (the tracker verifies with every one)."""
+    list_unsubscribe_mailto: str = ""
+    """An address added to ``List-Unsubscribe`` as ``<mailto:...>`` besides the URL."""
+
+    def tracking_secrets(self) -> list[str]:
+        raw = Secret(self.tracking_secret).reveal()
+        return [s.strip() for s in raw.split(",") if s.strip()]
+
+    def tracking_links(self) -> TrackingLinks | None:
+        """The recipient URL maker, or ``None`` when tracking is not configured."""
+        if not self.tracking_base_url:
+            return None
+        return TrackingLinks(
+            self.tracking_base_url,
+            TokenSigner(self.tracking_secrets()),
+            unsubscribe_mailto=self.list_unsubscribe_mailto,
+        )
 
     def validate(self) -> None:
         if bool(self.smtp_tls_cert) != bool(self.smtp_tls_key):
@@ -79,6 +100,18 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
             raise ConfigError("config error: MAX_MESSAGE_SIZE must be positive")
         if self.max_recipients <= 0:
             raise ConfigError("config error: MAX_RECIPIENTS must be positive")
+        if bool(self.tracking_base_url) != bool(self.tracking_secrets()):
+            raise ConfigError(
+                "config error: TRACKING_BASE_URL and TRACKING_SECRET must be set together"
+            )
+        base = self.tracking_base_url
+        if base and (not re.match(r"https?://[^/\s]+", base) or not base.isascii()):
+            raise ConfigError(f"config error: TRACKING_BASE_URL={base!r} is not an http(s) URL")
+        if self.list_unsubscribe_mailto and "@" not in self.list_unsubscribe_mailto:
+            raise ConfigError(
+                "config error: LIST_UNSUBSCRIBE_MAILTO="
+                f"{self.list_unsubscribe_mailto!r} is not an address"
+            )
         if not 0 <= self.object_store_threshold <= _MAX_INLINE_BYTES:
             raise ConfigError(
                 f"config error: OBJECT_STORE_THRESHOLD must be between 0 and {_MAX_INLINE_BYTES}"
@@ -150,7 +183,13 @@ class SmtpIngestService(ServiceBase):
             publish_timeout_s=s.publish_timeout_s,
             object_store_timeout_s=s.object_store_timeout_s,
             rules=s.header_rules,
+            links=s.tracking_links(),
         )
+        if config.links is None:
+            log.warning(
+                "tracking not configured: no unsubscribe URLs, click links or open pixel",
+                missing="TRACKING_BASE_URL",
+            )
         self.handler = IngestHandler(
             config,
             js=self.js,
@@ -213,13 +252,17 @@ class SmtpIngestService(ServiceBase):
         await super().stop()
 
     async def _stop_intake(self) -> None:
-        """Stop accepting connections, let messages inside DATA finish, close the rest."""
+        """Stop accepting connections, let open transactions finish, close the rest."""
         self.intake.draining = True
         for srv in self._servers:
             srv.close()
         grace = max(1.0, self.settings.shutdown_grace_s * 0.75)
         if not await self.intake.wait_idle(grace):
-            log.warning("smtp sessions still in DATA at shutdown", sessions=self.intake.in_data)
+            log.warning(
+                "smtp transactions still open at shutdown",
+                in_data=self.intake.in_data,
+                open_transactions=self.intake.open_transactions,
+            )
         goodbye = (str(replies.SHUTTING_DOWN) + "\r\n").encode()
         for session in list(self.intake.sessions):
             if isinstance(session.transport, asyncio.WriteTransport):

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import email
 import email.policy
+from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import collapse_rfc2231_value
+
+from .mime import walk_message
 
 _FORBIDDEN = """
 .adp .bat .chm .cmd .com .cpl .exe .hta .ins .isp .jar .js .jse .lib .lnk .mde .msc .msp
@@ -40,7 +43,7 @@ def _decode_encoded_words(text: str) -> str:
         return text
     try:
         return str(make_header(decode_header(text)))
-    except (ValueError, LookupError, UnicodeError):
+    except (ValueError, LookupError, UnicodeError, MessageError):
         return text
 
 
@@ -61,7 +64,7 @@ def part_filenames(part: Message) -> list[str]:
     for param, header in (("filename", "content-disposition"), ("name", "content-type")):
         try:
             value = _param(part, param, header)
-        except (ValueError, LookupError, UnicodeError, TypeError):
+        except (ValueError, LookupError, UnicodeError, TypeError, MessageError):
             value = None
         if value:
             names.append(value)
@@ -69,9 +72,20 @@ def part_filenames(part: Message) -> list[str]:
 
 
 def find_forbidden_attachment(raw: bytes) -> str | None:
-    """The first forbidden extension (e.g. ``.exe``) of any part of ``raw``, else ``None``."""
-    message = email.message_from_bytes(raw, policy=email.policy.compat32)
-    for part in message.walk():
+    """The first forbidden extension (e.g. ``.exe``) of any part of ``raw``, else ``None``.
+
+    The MIME tree is read on the bytes (mime.py: header blocks only, several times faster
+    than the ``email`` parser on a 50 KB campaign); anything that reader is not sure to
+    see as the ``email`` package does is handed to the ``email`` package."""
+    try:
+        parts = [
+            part.info.headers
+            for part in walk_message(raw, strict=True, into_attached_messages=True)
+        ]
+    except Exception:  # MalformedMime, or anything odd in a header: ask the email package
+        message = email.message_from_bytes(raw, policy=email.policy.compat32)
+        parts = list(message.walk())
+    for part in parts:
         for filename in part_filenames(part):
             extension = attachment_extension(filename)
             if extension in FORBIDDEN_EXTENSIONS:

@@ -42,11 +42,14 @@ from .rewrite import (
     prepare,
     render,
 )
+from .tracking_rewrite import MessagePlan, TrackingLinks, plan_message, render_copy
 
 log = structlog.get_logger()
 
 #: Recipient copies prepared and published at once (each may be a 10 MB rendered copy).
 _PARALLEL_COPIES = 8
+#: Messages larger than this are parsed and rendered in a worker thread, not the event loop.
+_THREAD_THRESHOLD_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -61,21 +64,26 @@ class IntakeConfig:
     publish_timeout_s: float = 5.0
     object_store_timeout_s: float = 30.0
     rules: HeaderRules = field(default_factory=HeaderRules)
+    links: TrackingLinks | None = None
+    """Tracker URLs and signer; ``None`` (TRACKING_BASE_URL unset): headers-only rewrite."""
 
 
 @dataclass(frozen=True)
 class _Inspected:
     forbidden_extension: str | None
     prepared: PreparedMessage | None
+    plan: MessagePlan | None = None
 
 
-def _inspect(raw: bytes, rules: HeaderRules) -> _Inspected:
+def _inspect(raw: bytes, rules: HeaderRules, links: TrackingLinks | None) -> _Inspected:
     """CPU-bound parsing, run in a thread for large messages."""
     raw = normalize_line_endings(raw)
     extension = find_forbidden_attachment(raw)
     if extension is not None:
         return _Inspected(extension, None)
-    return _Inspected(None, prepare(raw, rules))
+    prepared = prepare(raw, rules)
+    plan = plan_message(prepared, links) if links is not None else None
+    return _Inspected(None, prepared, plan)
 
 
 class IngestHandler:
@@ -190,10 +198,11 @@ class IngestHandler:
     async def _accept(self, session: Any, envelope: Any, bound: Any) -> str:
         principal, account = await self._account(session)
         raw: bytes = envelope.content
-        if len(raw) > 256 * 1024:
-            inspected = await asyncio.to_thread(_inspect, raw, self.config.rules)
+        config = self.config
+        if len(raw) > _THREAD_THRESHOLD_BYTES:
+            inspected = await asyncio.to_thread(_inspect, raw, config.rules, config.links)
         else:
-            inspected = _inspect(raw, self.config.rules)
+            inspected = _inspect(raw, config.rules, config.links)
         if inspected.forbidden_extension is not None:
             raise Rejected(replies.forbidden_attachment(inspected.forbidden_extension))
         prepared = inspected.prepared
@@ -202,13 +211,16 @@ class IngestHandler:
         for sender in prepared.from_addresses:
             if not is_sender_allowed(sender, allowed):
                 raise Rejected(replies.disallowed_sender(sender))
+        if inspected.plan is not None and inspected.plan.fell_back:
+            self._metrics.rewrite_fallbacks.inc()
+            bound.warning("body rewrite fell back to headers only", size=len(raw))
         ids = [new_ulid() for _ in envelope.rcpt_tos]
         gate = asyncio.Semaphore(_PARALLEL_COPIES)
 
         async def one(mailgate_id: str, recipient: str) -> None:
             async with gate:
                 await self._publish_one(
-                    mailgate_id, recipient, envelope, principal, account, prepared, session
+                    mailgate_id, recipient, envelope, principal, account, inspected, session
                 )
 
         bound = bound.bind(
@@ -235,9 +247,11 @@ class IngestHandler:
         envelope: Any,
         principal: Principal,
         account: AccountRecord,
-        prepared: PreparedMessage,
+        inspected: _Inspected,
         session: Any,
     ) -> None:
+        prepared = inspected.prepared
+        assert prepared is not None
         ref = MessageRef(
             mailgate_id=mailgate_id,
             account_id=account.id,
@@ -257,7 +271,8 @@ class IngestHandler:
             self._metrics.skipped.inc()
             return
         domain = self.config.domain
-        data = render(prepared, mailgate_id=mailgate_id, domain=domain)
+        tracking = account.tracking and not prepared.tracking_opt_out
+        data = await self._render(inspected, mailgate_id, tracking=tracking)
         object_name = None
         if len(data) > self.config.object_store_threshold:
             object_name = mailgate_id
@@ -272,12 +287,34 @@ class IngestHandler:
             size=len(data),
             raw=None if object_name else data,
             object_name=object_name,
-            tracking=account.tracking and not prepared.tracking_opt_out,
+            tracking=tracking,
             postal_api_key_ref=account.id if account.has_postal_api_key else None,
             client_ip=str(peer[0]) if peer else None,
         )
         await publish_event(self._js, accepted, timeout=self.config.publish_timeout_s)
         self._metrics.accepted.inc()
+
+    async def _render(self, inspected: _Inspected, mailgate_id: str, *, tracking: bool) -> bytes:
+        """One recipient's copy (its own unsubscribe/click/open URLs); never raises for a
+        body it cannot rewrite: that copy gets the headers-only rewrite and is counted."""
+        prepared = inspected.prepared
+        assert prepared is not None
+        domain = self.config.domain
+        links, plan = self.config.links, inspected.plan
+        if links is None or plan is None:
+            return render(prepared, mailgate_id=mailgate_id, domain=domain)
+        if len(prepared.rest) > _THREAD_THRESHOLD_BYTES:
+            data, fell_back = await asyncio.to_thread(
+                render_copy, plan, links, mailgate_id=mailgate_id, domain=domain, tracking=tracking
+            )
+        else:
+            data, fell_back = render_copy(
+                plan, links, mailgate_id=mailgate_id, domain=domain, tracking=tracking
+            )
+        if fell_back:
+            self._metrics.rewrite_fallbacks.inc()
+            log.warning("body rewrite fell back to headers only", mailgate_id=mailgate_id)
+        return data
 
     async def _store_blob(self, name: str, data: bytes) -> None:
         try:

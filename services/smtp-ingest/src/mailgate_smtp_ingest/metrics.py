@@ -15,6 +15,7 @@ class Metrics:
     auth_failures: Counter
     data_to_ack: Histogram
     sessions: Gauge
+    rewrite_fallbacks: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -49,6 +50,12 @@ class Metrics:
             sessions=Gauge(
                 "mailgate_smtp_sessions",
                 "Open SMTP connections.",
+                registry=registry,
+            ),
+            rewrite_fallbacks=Counter(
+                "mailgate_smtp_rewrite_fallbacks",
+                "Messages (or recipient copies) whose body could not be rewritten and was "
+                "passed through with the headers-only rewrite.",
                 registry=registry,
             ),
         )

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.utils import getaddresses
 from functools import cached_property
 
 _WSP = (b" ", b"\t")
+#: RFC 5322 field names: printable ASCII but the colon (what the email parser accepts too).
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 
 
 @dataclass(frozen=True)
@@ -41,23 +44,45 @@ class HeaderField:
 def split_header_block(raw: bytes) -> tuple[list[HeaderField], bytes]:
     """``(fields, rest)``: ``rest`` starts at the blank line ending the header block (empty
     when there is none), so ``b"".join(f.raw for f in fields) + rest == raw``."""
+    fields, blank, _ = scan_header_block(raw, 0, len(raw))
+    return fields, raw[blank:]
+
+
+def scan_header_block(
+    buf: bytes, start: int, end: int, *, stop_at_invalid: bool = False
+) -> tuple[list[HeaderField], int, bool]:
+    """The header fields of ``buf[start:end]`` without copying the rest: ``(fields, blank,
+    valid)`` where ``blank`` is the offset of the blank line ending the block (``end`` when
+    there is none) and ``valid`` is false when a line is not a header field. With
+    ``stop_at_invalid`` the scan ends at such a line (``blank`` is then its offset)."""
     fields: list[HeaderField] = []
-    pos, end = 0, len(raw)
+    pos = start
+    valid = True
     while pos < end:
-        nl = raw.find(b"\n", pos)
+        nl = buf.find(b"\n", pos, end)
         stop = end if nl < 0 else nl + 1
-        line = raw[pos:stop]
+        line = buf[pos:stop]
         if line in (b"\r\n", b"\n"):
-            return fields, raw[pos:]
+            return fields, pos, valid
+        # A lone CR ends a line for the email parser: such a line is not one field to us.
+        lone_cr = line.count(b"\r") > line.endswith(b"\r\n")
+        if lone_cr:
+            valid = False
+            if stop_at_invalid:
+                return fields, pos, valid
         if line[:1] in _WSP and fields:
             last = fields[-1]
             fields[-1] = HeaderField(last.name, last.raw + line)
         else:
             name, colon, _ = line.partition(b":")
-            valid = bool(colon) and name and not any(c in name for c in b" \t\r\n")
-            fields.append(HeaderField(name.decode("ascii", "replace") if valid else "", line))
+            is_field = not lone_cr and bool(colon) and _FIELD_NAME.fullmatch(name) is not None
+            if not is_field:
+                valid = False
+                if stop_at_invalid:
+                    return fields, pos, valid
+            fields.append(HeaderField(name.decode("ascii", "replace") if is_field else "", line))
         pos = stop
-    return fields, b""
+    return fields, end, valid
 
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
@@ -67,7 +92,7 @@ def normalize_line_endings(raw: bytes) -> bytes:
     """CRLF everywhere when a client sent bare LFs (RFC 5322 lines end in CRLF; Postal
     finds the end of the headers at the first CRLF CRLF). Already-CRLF input is returned
     as is, byte for byte."""
-    if _BARE_LF.search(raw) is None:
+    if raw.count(b"\n") == raw.count(b"\r\n"):  # C-speed; the regex scan is much slower
         return raw
     return _BARE_LF.sub(b"\r\n", raw)
 
@@ -78,7 +103,7 @@ def decode_words(text: str) -> str:
         return text
     try:
         return str(make_header(decode_header(text)))
-    except (ValueError, LookupError, UnicodeError):
+    except (ValueError, LookupError, UnicodeError, MessageError):
         return text
 
 
@@ -182,10 +207,25 @@ def prepare(raw: bytes, rules: HeaderRules) -> PreparedMessage:
     )
 
 
-def render(prepared: PreparedMessage, *, mailgate_id: str, domain: str) -> bytes:
-    """The recipient's copy: our Message-ID (in place of the old one) and campaign headers."""
+def render(
+    prepared: PreparedMessage,
+    *,
+    mailgate_id: str,
+    domain: str,
+    extra_headers: tuple[tuple[str, str], ...] = (),
+    body: bytes | None = None,
+    transfer_encoding: bytes | None = None,
+) -> bytes:
+    """The recipient's copy: our Message-ID (in place of the old one) and campaign headers.
+
+    ``extra_headers`` replace any field of the same name; ``body`` replaces everything
+    after the header block (from the blank line on), ``transfer_encoding`` the top-level
+    Content-Transfer-Encoding (a single-part body re-encoded by tracking_rewrite)."""
     nl = prepared.newline
     message_id = b"Message-ID: " + message_id_for(mailgate_id, domain).encode() + nl
+    replaced = {name.lower() for name, _ in extra_headers}
+    if transfer_encoding is not None:
+        replaced.add("content-transfer-encoding")
     out = bytearray()
     placed = False
     for f in prepared.fields:
@@ -193,6 +233,8 @@ def render(prepared: PreparedMessage, *, mailgate_id: str, domain: str) -> bytes
             if not placed:
                 out += message_id
                 placed = True
+            continue
+        if f.key in replaced:
             continue
         out += f.raw
         if not f.raw.endswith(b"\n"):
@@ -203,5 +245,9 @@ def render(prepared: PreparedMessage, *, mailgate_id: str, domain: str) -> bytes
         campaign = prepared.campaign_id.encode("utf-8")
         out += b"X-Postal-Tag: " + campaign + nl
         out += b"X-Postmaster-Msgtype: " + campaign + nl
-    rest = prepared.rest if prepared.rest else nl
-    return bytes(out + rest)
+    for name, value in extra_headers:
+        out += name.encode() + b": " + value.encode() + nl
+    if transfer_encoding is not None:
+        out += b"Content-Transfer-Encoding: " + transfer_encoding + nl
+    rest = body if body is not None else prepared.rest
+    return bytes(out + (rest or nl))

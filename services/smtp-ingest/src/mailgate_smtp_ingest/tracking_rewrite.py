@@ -1,0 +1,513 @@
+"""Per-recipient body rewrite: ``[Unsubscribe]`` tags, signed click links and the open pixel.
+
+The body is read once per message (``plan_body``) into a ``BodyTemplate``: the MIME tree is
+walked on the raw bytes, and every text/html or text/plain part (not an attachment) that has
+something to rewrite is decoded (quoted-printable, base64) and cut into literal byte runs and
+slots (an unsubscribe URL, a click URL, the pixel). Rendering a recipient's copy
+(``BodyTemplate.render``) fills the slots, re-encodes only those parts and splices them
+between the untouched bytes of the message: attachments, other parts, boundaries, preambles
+and part headers stay byte for byte as received. The ``email`` package's generator is not used
+because it re-folds headers, re-wraps bodies and re-encodes parts it did not need to touch.
+
+The markup we look for (``<a href``, ``</body>``, ``[Unsubscribe]``) is ASCII, so parts in a
+charset where an ASCII byte always means that ASCII character (UTF-8, koi8-r, windows-1251,
+the ISO-8859 family, EUC) are rewritten as bytes, without decoding the text. Parts in other
+charsets (Shift_JIS, ISO-2022-JP, UTF-16...) are decoded, rewritten via UTF-8 and encoded back.
+
+Anything unexpected raises inside this module; ``plan_body`` and ``render`` callers catch it
+and fall back to a headers-only rewrite (rewrite.py), so a malformed message is never refused.
+"""
+
+from __future__ import annotations
+
+import binascii
+import codecs
+import html
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property, lru_cache
+from typing import Literal
+
+from mailgate_core.tracking import TokenSigner
+
+from .mime import ContentInfo, MimePart, walk_body
+from .rewrite import HeaderField, PreparedMessage, render
+
+#: A click token carries the URL; the tracker refuses tokens longer than 4096 characters.
+MAX_TRACKED_URL_BYTES = 2800
+#: RFC 5322 line limit (998 + CRLF); a 7bit/8bit part that would exceed it becomes QP.
+_MAX_LINE = 998
+#: Longest mailgate_id assumed when checking line lengths (ULIDs have 26 characters).
+_PROBE_ID = "0" * 32
+
+_UNSUB_TAG = re.compile(rb"\[unsubscribe\]", re.IGNORECASE)
+_A_HREF = re.compile(
+    rb"""<a(?=[\s/])[^>]*?(?<![\w-])href\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""",
+    re.IGNORECASE,
+)
+_HTTP_URL = re.compile(r"https?://", re.IGNORECASE)
+_LONG_LINE = re.compile(rb"[^\n]{%d}" % (_MAX_LINE + 1))
+_LONE_CR = re.compile(rb"\r(?!\n)")
+
+_STATEFUL = ("2022", "utf_7", "utf-7", "hz", "utf_16", "utf-16", "utf_32", "utf-32")
+_ASCII_SAFE_MULTIBYTE = frozenset(
+    {"utf-8", "ascii", "euc_jp", "euc_kr", "gb2312", "euc_jis_2004", "euc_jisx0213"}
+)
+
+
+class TrackingLinks:
+    """The tracker's URLs for one recipient (``mailgate_id``), signed with ``signer``.
+
+    Routes (services/tracker): open pixel ``/track/o/<token>``, click ``/track/c/<token>``,
+    unsubscribe ``/u/<token>`` (GET page, POST one-click per RFC 8058).
+    """
+
+    def __init__(self, base_url: str, signer: TokenSigner, *, unsubscribe_mailto: str = ""):
+        self.base_url = base_url.rstrip("/")
+        self.signer = signer
+        self.unsubscribe_mailto = unsubscribe_mailto.strip().removeprefix("mailto:")
+        self._open = self.base_url + "/track/o/"
+        self._click = self.base_url + "/track/c/"
+        self._unsub = self.base_url + "/u/"
+        self._own = (self._open.lower(), self._click.lower(), self._unsub.lower())
+
+    def open_url(self, mailgate_id: str) -> str:
+        return self._open + self.signer.make_open_token(mailgate_id)
+
+    def click_url(self, mailgate_id: str, url: str) -> str:
+        return self._click + self.signer.make_click_token(mailgate_id, url)
+
+    def unsubscribe_url(self, mailgate_id: str) -> str:
+        return self._unsub + self.signer.make_unsub_token(mailgate_id)
+
+    def is_own(self, url: str) -> bool:
+        """``url`` already points at our tracker (never wrapped twice)."""
+        return url.lower().startswith(self._own)
+
+    def list_unsubscribe(self, mailgate_id: str, unsubscribe_url: str) -> str:
+        """The ``List-Unsubscribe`` value: the one-click URL, then the mailto if configured.
+
+        The mailto is ``<local>+<token>@<domain>?subject=unsubscribe%20<token>`` with the
+        recipient's unsubscribe token, which webhook-ingest reads from a Postal route to
+        ``<local>@<domain>`` (README, "Inbound mail"). The ``+<token>`` tag is left out
+        when the local part would pass RFC 5321's 64 octets; the subject still carries it."""
+        value = f"<{unsubscribe_url}>"
+        if self.unsubscribe_mailto:
+            token = unsubscribe_url.rsplit("/", 1)[-1]
+            local, _, domain = self.unsubscribe_mailto.rpartition("@")
+            tagged = f"{local}+{token}"
+            address = f"{tagged}@{domain}" if len(tagged) <= 64 else self.unsubscribe_mailto
+            value += f", <mailto:{address}?subject=unsubscribe%20{token}>"
+        return value
+
+
+# --- slots and part templates ------------------------------------------------------------
+
+SlotKind = Literal["unsubscribe", "click", "pixel"]
+Encoding = Literal["identity", "quoted-printable", "base64"]
+
+
+@dataclass(frozen=True)
+class Slot:
+    kind: SlotKind
+    url: str = ""
+    """The original link target (clicks only), HTML entities decoded."""
+    original: bytes = b""
+    """What the slot replaced, put back when tracking is off."""
+
+
+@dataclass(frozen=True)
+class _Recipient:
+    """Per-recipient values shared by every part of one rendered copy."""
+
+    links: TrackingLinks
+    mailgate_id: str
+    tracking: bool
+    unsubscribe_url: str
+    open_url: str
+    clicks: dict[str, str] = field(default_factory=dict)
+
+    def click(self, url: str) -> str:
+        known = self.clicks.get(url)
+        if known is None:
+            known = self.clicks[url] = self.links.click_url(self.mailgate_id, url)
+        return known
+
+
+@dataclass(frozen=True)
+class PartTemplate:
+    """One text part cut into ``literals[0] slot[0] literals[1] ... literals[n]``."""
+
+    html: bool
+    literals: tuple[bytes, ...]
+    slots: tuple[Slot, ...]
+    encoding: Encoding
+    charset: str | None
+    """Set when the working bytes are UTF-8 and must be encoded back to this charset."""
+    newline: bytes
+    original: bytes
+    """The part's body as received (used when nothing would change)."""
+    new_head: bytes | None = None
+    """A replacement header block (CTE upgraded to QP); the splice then starts at the head."""
+
+    @cached_property
+    def has_unsubscribe(self) -> bool:
+        return any(s.kind == "unsubscribe" for s in self.slots)
+
+    def _fill(self, slot: Slot, r: _Recipient) -> bytes:
+        if slot.kind == "unsubscribe":
+            url = r.unsubscribe_url
+        elif not r.tracking:
+            return slot.original
+        elif slot.kind == "click":
+            url = r.click(slot.url)
+        else:
+            return _pixel(html.escape(r.open_url)).encode()
+        return (html.escape(url) if self.html else url).encode()
+
+    def render(self, r: _Recipient) -> bytes:
+        if self.new_head is None and not r.tracking and not self.has_unsubscribe:
+            return self.original  # nothing to change: the part stays as received
+        pieces = [self.literals[0]]
+        for slot, literal in zip(self.slots, self.literals[1:], strict=True):
+            pieces.append(self._fill(slot, r))
+            pieces.append(literal)
+        data = b"".join(pieces)
+        if self.charset is not None:
+            data = data.decode("utf-8", "surrogateescape").encode(self.charset, "surrogateescape")
+        head = self.new_head or b""
+        if self.encoding == "identity":
+            return head + data
+        if self.encoding == "base64":
+            return head + _encode_base64(data, self.newline)
+        return head + _encode_qp(data, self.newline)
+
+
+def _pixel(src: str) -> str:
+    return (
+        f'<img src="{src}" width="1" height="1" alt="" '
+        'style="border:0;width:1px;height:1px;display:block" />'
+    )
+
+
+def _encode_base64(data: bytes, newline: bytes) -> bytes:
+    encoded = binascii.b2a_base64(data, newline=False)
+    lines = [encoded[i : i + 76] for i in range(0, len(encoded), 76)]
+    return newline.join(lines) + newline if lines else b""
+
+
+def _encode_qp(data: bytes, newline: bytes) -> bytes:
+    encoded = binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
+    if b"\r" in encoded:
+        encoded = _LONE_CR.sub(b"=0D", encoded)
+    if newline == b"\r\n" and b"\n" in encoded and b"\r\n" not in encoded:
+        encoded = encoded.replace(b"\n", b"\r\n")  # b2a_qp keeps the input's line breaks
+    return encoded
+
+
+# --- the message-level template -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BodyTemplate:
+    """The message body (``rest`` from rewrite.prepare) with the parts to rewrite marked."""
+
+    gaps: tuple[bytes, ...]
+    """Untouched bytes around the parts: ``gaps[0] part[0] gaps[1] ... gaps[n]``."""
+    parts: tuple[PartTemplate, ...]
+    top_cte: bytes | None = None
+    """A new Content-Transfer-Encoding for the top-level header (single-part, upgraded)."""
+
+    def render(
+        self,
+        links: TrackingLinks,
+        mailgate_id: str,
+        *,
+        tracking: bool,
+        unsubscribe_url: str | None = None,
+    ) -> bytes:
+        """The body of one recipient's copy (from the blank line after the headers on)."""
+        recipient = _Recipient(
+            links=links,
+            mailgate_id=mailgate_id,
+            tracking=tracking,
+            unsubscribe_url=unsubscribe_url or links.unsubscribe_url(mailgate_id),
+            open_url=links.open_url(mailgate_id) if tracking else "",
+        )
+        pieces = [self.gaps[0]]
+        for part, gap in zip(self.parts, self.gaps[1:], strict=True):
+            pieces.append(part.render(recipient))
+            pieces.append(gap)
+        return b"".join(pieces)
+
+
+# --- reading the MIME tree -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Splice:
+    start: int
+    end: int
+    part: PartTemplate
+    top_level: bool = False
+    """The message itself is this single part (its header is the message header)."""
+
+
+@lru_cache(maxsize=64)
+def _charset_mode(charset: str | None) -> tuple[str, str]:
+    """``(mode, codec)``: mode ``bytes`` (ASCII bytes mean ASCII; rewrite the raw bytes),
+    ``text`` (decode and encode back) or ``skip`` (leave the part alone)."""
+    if charset is None:
+        return "bytes", "utf-8"
+    try:
+        codec = codecs.lookup(charset).name
+    except (LookupError, ValueError):
+        return "bytes", "utf-8"  # unknown-8bit and friends: ASCII-compatible in practice
+    if codec in _ASCII_SAFE_MULTIBYTE:
+        return "bytes", codec
+    if any(s in codec for s in _STATEFUL):
+        return "text", codec
+    try:
+        every = bytes(range(256)).decode(codec, "surrogateescape")
+        one_by_one = "".join(bytes([b]).decode(codec, "surrogateescape") for b in range(256))
+    except Exception:
+        return "skip", codec
+    ascii_ok = every[:128] == bytes(range(128)).decode("ascii")
+    return ("bytes" if ascii_ok and every == one_by_one else "text"), codec
+
+
+def _decode_transfer(body: bytes, cte: str) -> tuple[bytes, Encoding] | None:
+    if cte in ("7bit", "8bit", "binary", ""):
+        return body, "identity"
+    if cte == "quoted-printable":
+        return binascii.a2b_qp(body), "quoted-printable"
+    if cte == "base64":
+        try:
+            return binascii.a2b_base64(body), "base64"
+        except binascii.Error:
+            return None
+    return None  # x-uuencode and the like: left alone
+
+
+def _slots_for(
+    data: bytes, html_part: bool, url_codec: str, links: TrackingLinks
+) -> list[tuple[int, int, Slot]]:
+    """Sorted, non-overlapping ``(start, end, Slot)`` for one decoded part."""
+    found: list[tuple[int, int, Slot]] = []
+    if html_part:
+        for match in _A_HREF.finditer(data):
+            group = next(g for g in (1, 2, 3) if match.start(g) >= 0)
+            start, end = match.span(group)
+            value = data[start:end]
+            if _UNSUB_TAG.search(value):
+                continue  # the tag inside is replaced by the unsubscribe URL below
+            url = html.unescape(value.decode(url_codec, "replace")).strip()
+            if not _HTTP_URL.match(url) or links.is_own(url):
+                continue
+            if len(url.encode("utf-8", "surrogatepass")) > MAX_TRACKED_URL_BYTES:
+                continue
+            found.append((start, end, Slot("click", url=url, original=value)))
+    for match in _UNSUB_TAG.finditer(data):
+        found.append((match.start(), match.end(), Slot("unsubscribe")))
+    if html_part:
+        lowered = data.lower()
+        at = lowered.rfind(b"</body")
+        if at < 0:
+            at = lowered.rfind(b"</html")
+        if at < 0:
+            at = len(data)
+        found.append((at, at, Slot("pixel")))
+    found.sort(key=lambda item: (item[0], item[1]))
+    kept: list[tuple[int, int, Slot]] = []
+    position = 0
+    for start, end, slot in found:
+        if start < position:
+            continue  # overlaps a slot already taken (a pixel inside an href...)
+        kept.append((start, end, slot))
+        position = end
+    return kept
+
+
+def _part_template(
+    fields: Sequence[HeaderField],
+    info: ContentInfo,
+    body: bytes,
+    newline: bytes,
+    links: TrackingLinks,
+    *,
+    blank: bytes,
+) -> PartTemplate | None:
+    """The template of one leaf part, or ``None`` when it stays as received."""
+    html_part = info.content_type == "text/html"
+    if info.content_type not in ("text/html", "text/plain") or info.is_attachment:
+        return None
+    decoded = _decode_transfer(body, info.cte)
+    if decoded is None:
+        return None
+    data, encoding = decoded
+    mode, codec = _charset_mode(info.charset)
+    if mode == "skip":
+        return None
+    charset: str | None = None
+    if mode == "text":
+        try:
+            data = data.decode(codec).encode("utf-8", "surrogateescape")
+        except (UnicodeError, LookupError):
+            return None
+        charset, codec = codec, "utf-8"
+    if not html_part and not _UNSUB_TAG.search(data):
+        return None  # a text part without the tag is not touched at all
+    slots = _slots_for(data, html_part, codec, links)
+    literals, position = [], 0
+    for start, end, _slot in slots:
+        literals.append(data[position:start])
+        position = end
+    literals.append(data[position:])
+    template = PartTemplate(
+        html=html_part,
+        literals=tuple(literals),
+        slots=tuple(slot for _, _, slot in slots),
+        encoding=encoding,
+        charset=charset,
+        newline=newline,
+        original=body,
+    )
+    if encoding == "identity":
+        template = _fit_line_length(template, fields, newline, links, blank=blank)
+    return template
+
+
+def _fit_line_length(
+    template: PartTemplate,
+    fields: Sequence[HeaderField],
+    newline: bytes,
+    links: TrackingLinks,
+    *,
+    blank: bytes,
+) -> PartTemplate:
+    """A 7bit/8bit part whose rewritten lines could pass 998 bytes is re-encoded as QP."""
+    probe = _Recipient(
+        links=links,
+        mailgate_id=_PROBE_ID,
+        tracking=True,
+        unsubscribe_url=links.unsubscribe_url(_PROBE_ID),
+        open_url=links.open_url(_PROBE_ID),
+    )
+    if _LONG_LINE.search(template.render(probe)) is None:
+        return template
+    kept = b"".join(f.raw for f in fields if f.key != "content-transfer-encoding")
+    new_head = kept + b"Content-Transfer-Encoding: quoted-printable" + newline + blank
+    return replace(template, encoding="quoted-printable", new_head=new_head)
+
+
+def _splice_for(buf: bytes, part: MimePart, newline: bytes, links: TrackingLinks) -> _Splice | None:
+    if part.info.content_type.startswith("multipart/") or not part.has_body:
+        return None
+    body_start = part.body_start
+    blank = b"\r\n" if buf[max(0, body_start - 2) : body_start] == b"\r\n" else b"\n"
+    body = buf[body_start : part.end]
+    template = _part_template(part.fields, part.info, body, newline, links, blank=blank)
+    if template is None:
+        return None
+    if part.depth == 0:
+        return _Splice(body_start, part.end, template, top_level=True)
+    if template.new_head is not None:
+        return _Splice(part.start, part.end, template)  # the part's header is replaced too
+    return _Splice(body_start, part.end, template)
+
+
+def _blank_len(text: bytes) -> int:
+    """Length of the line break ``text`` starts with."""
+    return 2 if text[:2] == b"\r\n" else 1
+
+
+def plan_body(
+    fields: Sequence[HeaderField], rest: bytes, newline: bytes, links: TrackingLinks
+) -> BodyTemplate:
+    """The message's body template (``rest`` starts at the blank line ending the headers).
+
+    Raises on input it cannot make sense of; the caller falls back to headers only."""
+    if not rest:
+        return BodyTemplate(gaps=(b"",), parts=())
+    if any(not f.name for f in fields):
+        raise ValueError("a header line is not a header field")
+    parts_found = walk_body(
+        rest, fields, _blank_len(rest), strict=False, into_attached_messages=False
+    )
+    splices = [s for s in (_splice_for(rest, p, newline, links) for p in parts_found) if s]
+    top_cte = None
+    gaps: list[bytes] = []
+    parts: list[PartTemplate] = []
+    position = 0
+    for splice in splices:
+        part = splice.part
+        if splice.top_level and part.new_head is not None:
+            # the message is this part: its Content-Transfer-Encoding is in the header block
+            top_cte = b"quoted-printable"
+            part = replace(part, new_head=None)
+        gaps.append(rest[position : splice.start])
+        parts.append(part)
+        position = splice.end
+    gaps.append(rest[position:])
+    return BodyTemplate(gaps=tuple(gaps), parts=tuple(parts), top_cte=top_cte)
+
+
+# --- a whole recipient copy -----------------------------------------------------------------
+
+LIST_UNSUBSCRIBE_POST = "List-Unsubscribe=One-Click"
+
+
+@dataclass(frozen=True)
+class MessagePlan:
+    """A message read once (headers and body), ready to render per recipient."""
+
+    prepared: PreparedMessage
+    body: BodyTemplate | None
+    """``None`` when the body could not be read: copies get the headers-only rewrite."""
+
+    @property
+    def fell_back(self) -> bool:
+        return self.body is None
+
+
+def plan_message(prepared: PreparedMessage, links: TrackingLinks) -> MessagePlan:
+    """Read the body once; never raises (a body it cannot read is passed through)."""
+    try:
+        body = plan_body(prepared.fields, prepared.rest, prepared.newline, links)
+    except Exception:
+        body = None
+    return MessagePlan(prepared, body)
+
+
+def render_copy(
+    plan: MessagePlan, links: TrackingLinks, *, mailgate_id: str, domain: str, tracking: bool
+) -> tuple[bytes, bool]:
+    """``(copy, fell_back)``: one recipient's message with its unsubscribe headers, and
+    (``tracking``) click links and open pixel; ``fell_back`` when only the headers could be
+    rewritten here (the body is then passed through as received). Never raises."""
+    unsubscribe_url = links.unsubscribe_url(mailgate_id)
+    headers = (
+        ("List-Unsubscribe", links.list_unsubscribe(mailgate_id, unsubscribe_url)),
+        ("List-Unsubscribe-Post", LIST_UNSUBSCRIBE_POST),
+    )
+    body = transfer_encoding = None
+    fell_back = False
+    if plan.body is not None:
+        try:
+            body = plan.body.render(
+                links, mailgate_id, tracking=tracking, unsubscribe_url=unsubscribe_url
+            )
+            transfer_encoding = plan.body.top_cte
+        except Exception:
+            body = transfer_encoding = None
+            fell_back = True
+    copy = render(
+        plan.prepared,
+        mailgate_id=mailgate_id,
+        domain=domain,
+        extra_headers=headers,
+        body=body,
+        transfer_encoding=transfer_encoding,
+    )
+    return copy, fell_back
