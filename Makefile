@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Trust the platform's CA store too (registries may sit behind a TLS-inspecting proxy).
 export UV_SYSTEM_CERTS ?= 1
 
-.PHONY: help env test lint typecheck schemas schemas-check pytest run bench clean
+.PHONY: help env test lint typecheck schemas schemas-check pytest run openapi bench clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ pytest: env ## the pytest suite (real NATS + Postgres from wheels)
 
 run: env ## the whole stack on this machine: NATS, Postgres, Postal sandbox, every service
 	$(PY) -m mailgate_fakes.stack
+
+openapi: env ## regenerate docs/openapi.json (the ledger admin API)
+	$(PY) -m mailgate_ledger.openapi docs/openapi.json
 
 bench: env ## benchmarks (printing figures)
 	$(PY) bench/run.py $(BENCH_ARGS)

@@ -55,9 +55,9 @@ async def test_migrations_apply_once_and_a_second_start_is_harmless(
         }
     finally:
         await conn.close()
-    assert versions == [1]
+    assert versions == [1, 2]
     assert {"accounts", "credentials", "endpoints", "messages", "events", "suppressions"} <= tables
-    assert {"outbox", "schema_migrations"} <= tables
+    assert {"outbox", "schema_migrations", "event_ids", "dead_letters"} <= tables
     for ledger in (first, second, third):
 
         async def ready(ledger: Any = ledger) -> bool:
@@ -237,7 +237,7 @@ async def test_suppressions_add_list_remove_and_csv(start_ledger, js) -> None:
 
     csv_body = b"email,reason\r\nb@example.org,unsubscribed\r\nc@example.org\r\n"
     status, imported, _ = await ledger.call("POST", path, raw=csv_body, content_type="text/csv")
-    assert status == 200 and imported == {"imported": 2, "added": 2}
+    assert status == 200 and imported == {"imported": 2, "added": 2, "kv": "syncing"}
     status, bad, _ = await ledger.call("POST", path, raw=b"nope\r\n", content_type="text/csv")
     assert status == 400 and "line 1" in bad["detail"]
 
@@ -311,5 +311,5 @@ def test_migrate_subcommand_applies_pending_migrations_once(database_url) -> Non
         for _ in range(2)
     ]
     assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
-    assert "1 migration(s) applied: [1]" in runs[0].stdout
+    assert "2 migration(s) applied: [1, 2]" in runs[0].stdout
     assert "0 migration(s) applied" in runs[1].stdout

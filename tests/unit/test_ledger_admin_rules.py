@@ -121,22 +121,31 @@ def test_token_hash_is_sha256_hex() -> None:
     assert len(token_hash("mgt_x")) == 64 and token_hash("a") != token_hash("b")
 
 
-def test_campaign_rates() -> None:
+def test_campaign_rates_and_human_versus_machine_engagement() -> None:
     stats = campaign_stats_view(
         "73",
         {"delivered": 6, "opened": 2, "hard_bounced": 1, "skipped": 1},
         {
-            "sent": (9, 9),
-            "delivered": (8, 8),
-            "opened": (5, 2),
-            "hard_bounced": (1, 1),
-            "skipped": (1, 1),
+            ("sent", None): (9, 9),
+            ("delivered", None): (8, 8),
+            ("opened", None): (5, 2),
+            ("opened", "human"): (2, 1),
+            ("opened", "machine"): (3, 2),
+            ("hard_bounced", None): (1, 1),
+            ("hard_bounced", "unknown"): (1, 1),
+            ("skipped", None): (1, 1),
         },
+        {"opened": 1},
     )
     assert stats["messages"] == 10 and stats["statuses"]["clicked"] == 0
     assert stats["rates"]["delivery_rate"] == round(8 / 9, 4)
     assert stats["rates"]["open_rate"] == 0.25 and stats["rates"]["hard_bounce_rate"] == 0.1111
-    assert stats["events"]["opened"] == {"total": 5, "unique": 2}
+    assert stats["rates"]["human_open_rate"] == 0.125
+    opened = stats["events"]["opened"]
+    assert (opened["total"], opened["unique"], opened["unique_non_machine"]) == (5, 2, 1)
+    assert opened["by_audience"]["machine"] == {"total": 3, "unique": 2}
+    assert opened["by_audience"]["unknown"] == {"total": 0, "unique": 0}
+    assert "by_audience" not in stats["events"]["hard_bounced"]
     empty = campaign_stats_view("none", {}, {})
     assert empty["messages"] == 0 and empty["rates"]["delivery_rate"] is None
 

@@ -233,6 +233,11 @@ class PullWorker:
     ack_wait_s: float = 60.0
     max_ack_pending: int = 1000
     max_deliver: int = -1
+    settle_concurrency: int = 1
+    """Acks of one batch sent at once (each is a round trip; 1 settles them in order)."""
+    sync_acks: bool = True
+    """Wait for the server to confirm each ack. An idempotent consumer may pass ``False``:
+    a lost ack then means a redelivery, and a batch's acks cost no round trip each."""
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _sub: Any = field(default=None, init=False)
@@ -280,8 +285,7 @@ class PullWorker:
             except Exception:
                 log.exception("batch handler crashed", durable=self.durable, size=len(msgs))
                 outcomes = [Nak(backoff_delay(_delivered(m))) for m in msgs]
-            for msg, outcome in zip(msgs, outcomes, strict=True):
-                await _settle(msg, outcome)
+            await _settle_all(msgs, outcomes, self.settle_concurrency, sync=self.sync_acks)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -323,10 +327,29 @@ def delivery_count(msg: Msg) -> int:
     return _delivered(msg)
 
 
-async def _settle(msg: Msg, outcome: Outcome) -> None:
+async def _settle_all(
+    msgs: Sequence[Msg], outcomes: Sequence[Outcome], concurrency: int, *, sync: bool
+) -> None:
+    if concurrency <= 1:
+        for msg, outcome in zip(msgs, outcomes, strict=True):
+            await _settle(msg, outcome, sync=sync)
+        return
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(msg: Msg, outcome: Outcome) -> None:
+        async with sem:
+            await _settle(msg, outcome, sync=sync)
+
+    await asyncio.gather(*(one(m, o) for m, o in zip(msgs, outcomes, strict=True)))
+
+
+async def _settle(msg: Msg, outcome: Outcome, *, sync: bool = True) -> None:
     try:
         if isinstance(outcome, Ack):
-            await msg.ack_sync(timeout=5.0)
+            if sync:
+                await msg.ack_sync(timeout=5.0)
+            else:
+                await msg.ack()
         elif isinstance(outcome, Nak):
             await msg.nak(delay=outcome.delay_s)
         else:

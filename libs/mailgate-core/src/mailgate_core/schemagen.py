@@ -21,6 +21,7 @@ _DESCRIPTIONS = {
     "mail.skipped": "A suppressed recipient, accepted at SMTP level but not sent.",
     "mail.submitted": "Postal accepted the message (send/raw success).",
     "mail.failed": "Postal refused the message for good, or retries ran out.",
+    "mail.webhook_dead_lettered": "A status event ams-reporter could not deliver to an endpoint.",
     "postal.*": "A verified Postal webhook; the last token is Postal's event name.",
     "track.open": "An open-pixel load.",
     "track.click": "A tracked link click.",
@@ -28,6 +29,8 @@ _DESCRIPTIONS = {
     "status.*": "A customer-facing event; the last token is its name.",
     "stats.postmaster.daily": "One day of Mail.ru Postmaster stats for a domain (and msgtype).",
     "stats.ams.mailing": "AMS's progress of one mailing.",
+    "stats.campaign.autostopped": "ams-reporter stopped an AMS mailing: a rate crossed its limit.",
+    "stats.campaign.resumed": "An automatically stopped campaign was resumed.",
 }
 
 _PRODUCERS = {
@@ -36,10 +39,17 @@ _PRODUCERS = {
     "track": "tracker",
     "status": "ledger",
     "stats": "stats-poller",
+    "mail.webhook_dead_lettered": "ams-reporter",
+    "stats.campaign.autostopped": "ams-reporter",
+    "stats.campaign.resumed": "ams-reporter",
 }
 
 
 _WILDCARD_NAMES = {"postal.*": "postal.EventName", "status.*": "status.name"}
+
+
+def _producer(subject: str) -> str:
+    return _PRODUCERS.get(subject) or _PRODUCERS[subject.split(".")[0]]
 
 
 def _file_name(subject: str) -> str:
@@ -87,7 +97,7 @@ def render() -> dict[str, str]:
         operations[f"publish_{key}"] = {
             "action": "send",
             "channel": {"$ref": f"#/channels/{key}"},
-            "summary": f"published by {_PRODUCERS[subject.split('.')[0]]}",
+            "summary": f"published by {_producer(subject)}",
         }
     messages = {
         cls.__name__: {

@@ -2,12 +2,14 @@
 registration API (``/v1/email/webhook``, bearer = an account's api token).
 
 Handlers translate HTTP to store calls; every change is committed to Postgres first, then
-written to its KV bucket. Errors are RFC 9457 ``application/problem+json``.
+written to its KV bucket. Errors are RFC 9457 ``application/problem+json``. Every query is
+parameterized; CSV import and export stream (bounded memory whatever the size).
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import csv
 import datetime as dt
 import hashlib
@@ -16,21 +18,32 @@ import io
 import ipaddress
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import asyncpg
 import msgspec
+import nats.errors
+import nats.js.errors
 import structlog
 from aiohttp import web
-from mailgate_core.ids import new_ulid
+from mailgate_core.ids import is_ulid, new_ulid, ulid_time_ms
+from mailgate_core.ops import Health
 from mailgate_core.passwords import generate_password, hash_password
 from mailgate_core.records import normalize_email
+from mailgate_core.schemas import StatusEvent, decode, encode
+from nats.js import JetStreamContext
 
 from . import store
+from .ingest import CONSUMERS
 from .kvsync import KvSync, account_record, credential_record, suppression_record
+from .metrics import LedgerMetrics
 from .openapi import openapi_document
+from .outbox import Outbox
+from .partitions import PartitionKeeper, existing_months, ulid_prefix
 from .status import STATUS_RANK
 from .webhooks import (
     InvalidWebhookRequest,
@@ -321,6 +334,25 @@ def event_view(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def timeline_entry(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One line of a message's timeline: the fact, and the customer event it produced."""
+    entry: dict[str, Any] = {
+        "at": _iso(row["occurred_at"]),
+        "name": row["name"],
+        "source": row["subject"],
+        "event_id": row["event_id"],
+        "recorded_at": _iso(row["recorded_at"]),
+    }
+    if row["status_name"]:
+        entry["status_event"] = {
+            "name": row["status_name"],
+            "id": f"st-{row['event_id']}",
+            "emitted": not row["status_pending"],
+            "data": row["status_data"] or {},
+        }
+    return entry
+
+
 def suppression_view(row: Mapping[str, Any]) -> dict[str, Any]:
     return {"email": row["email"], "reason": row["reason"], "created_at": _iso(row["created_at"])}
 
@@ -344,33 +376,82 @@ def _rate(numerator: int, denominator: int) -> float | None:
     return round(numerator / denominator, 4) if denominator else None
 
 
+AUDIENCES = ("human", "machine", "unknown")
+ENGAGEMENT = ("opened", "clicked")
+
+
 def campaign_stats_view(
-    campaign_id: str, statuses: dict[str, int], events: dict[str, tuple[int, int]]
+    campaign_id: str,
+    statuses: dict[str, int],
+    events: Mapping[tuple[str, str | None], tuple[int, int]],
+    non_machine: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Counts per message status and per customer event, and the usual rates."""
+    """Counts per message status and per customer event, opens/clicks split by audience
+    (human, machine = image proxies and link scanners, unknown), and the usual rates.
+
+    ``events`` maps (event, audience or None for all) to (events, distinct messages);
+    ``non_machine`` maps opened/clicked to the distinct messages with an event not judged
+    automated (what the human rates count).
+    """
+    non_machine = non_machine or {}
 
     def uniq(name: str) -> int:
-        return events.get(name, (0, 0))[1]
+        return events.get((name, None), (0, 0))[1]
 
     sent = uniq("sent")
     delivered = uniq("delivered")
+    names = sorted({name for name, _ in events})
+    event_counts: dict[str, Any] = {}
+    for name in names:
+        total, unique = events.get((name, None), (0, 0))
+        entry: dict[str, Any] = {"total": total, "unique": unique}
+        if name in ENGAGEMENT:
+            entry["by_audience"] = {
+                a: dict(zip(("total", "unique"), events.get((name, a), (0, 0)), strict=True))
+                for a in AUDIENCES
+            }
+            entry["unique_non_machine"] = non_machine.get(name, 0)
+        event_counts[name] = entry
     return {
         "campaign_id": campaign_id,
         "messages": sum(statuses.values()),
         "statuses": {name: statuses.get(name, 0) for name in STATUS_RANK}
         | {k: v for k, v in statuses.items() if k not in STATUS_RANK},
-        "events": {name: {"total": t, "unique": u} for name, (t, u) in sorted(events.items())},
+        "events": event_counts,
         "rates": {
             "delivery_rate": _rate(delivered, sent),
             "soft_bounce_rate": _rate(uniq("soft_bounced"), sent),
             "hard_bounce_rate": _rate(uniq("hard_bounced"), sent),
             "failure_rate": _rate(uniq("failed"), sum(statuses.values()) - uniq("skipped")),
             "open_rate": _rate(uniq("opened"), delivered),
+            "human_open_rate": _rate(non_machine.get("opened", 0), delivered),
             "click_rate": _rate(uniq("clicked"), delivered),
+            "human_click_rate": _rate(non_machine.get("clicked", 0), delivered),
             "unsubscribe_rate": _rate(uniq("unsubscribed"), delivered),
             "complaint_rate": _rate(uniq("complained"), delivered),
         },
     }
+
+
+def dead_letter_view(row: Mapping[str, Any], *, with_event: bool = False) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "id": row["id"],
+        "status_event": row["status_name"],
+        "status_event_id": row["status_event_id"],
+        "mailgate_id": row["mailgate_id"],
+        "account_id": row["account_id"],
+        "endpoint_id": row["endpoint_id"],
+        "url": row["url"],
+        "attempts": row["attempts"],
+        "reason": row["reason"],
+        "http_status": row["http_status"],
+        "created_at": _iso(row["created_at"]),
+        "replay_count": row["replay_count"],
+        "replayed_at": _iso(row["replayed_at"]),
+    }
+    if with_event:
+        view["event"] = msgspec.to_builtins(decode(bytes(row["payload"]), StatusEvent))
+    return view
 
 
 # --- application -------------------------------------------------------------------------
@@ -383,6 +464,11 @@ class AdminContext:
     admin_token: str
     allow_private_webhooks: bool = False
     resolve: Resolver = system_resolver
+    js: JetStreamContext | None = None
+    metrics: LedgerMetrics | None = None
+    outbox: Outbox | None = None
+    partitions: PartitionKeeper | None = None
+    health: Health | None = None
 
 
 CONTEXT = web.AppKey("ledger_admin", AdminContext)
@@ -442,7 +528,11 @@ def make_admin_app(context: AdminContext) -> web.Application:
     r.add_post("/v1/accounts/{account_id}/api-token", rotate_api_token)
     r.add_post("/v1/accounts/{account_id}/credentials", create_credential)
     r.add_get("/v1/accounts/{account_id}/credentials", list_credentials)
+    r.add_get("/v1/accounts/{account_id}/credentials/{username}", get_credential)
     r.add_patch("/v1/accounts/{account_id}/credentials/{username}", patch_credential)
+    r.add_post(
+        "/v1/accounts/{account_id}/credentials/{username}/password", rotate_credential_password
+    )
     r.add_delete("/v1/accounts/{account_id}/credentials/{username}", delete_credential)
     r.add_get("/v1/accounts/{account_id}/suppressions", list_suppressions)
     r.add_post("/v1/accounts/{account_id}/suppressions", add_suppressions)
@@ -450,7 +540,13 @@ def make_admin_app(context: AdminContext) -> web.Application:
     r.add_get("/v1/accounts/{account_id}/webhooks", list_account_webhooks)
     r.add_get("/v1/messages", find_messages)
     r.add_get("/v1/messages/{mailgate_id}", get_message)
+    r.add_get("/v1/messages/{mailgate_id}/timeline", message_timeline)
     r.add_get("/v1/campaigns/{campaign_id}/stats", campaign_stats)
+    r.add_get("/v1/dead-letters", list_dead_letters)
+    r.add_post("/v1/dead-letters/replay", replay_dead_letters)
+    r.add_get("/v1/dead-letters/{dead_letter_id}", get_dead_letter)
+    r.add_post("/v1/dead-letters/{dead_letter_id}/replay", replay_dead_letter)
+    r.add_get("/v1/health", get_health)
     r.add_post("/v1/email/webhook", register_webhook)
     r.add_get("/v1/email/webhook", get_webhook)
     r.add_delete("/v1/email/webhook", delete_webhook)
@@ -619,7 +715,38 @@ async def delete_credential(request: web.Request) -> web.Response:
     return await _set_credential_disabled(request, True)
 
 
+async def get_credential(request: web.Request) -> web.Response:
+    account_id = request.match_info["account_id"]
+    username = request.match_info["username"]
+    async with _ctx(request).pool.acquire() as conn:
+        row = await store.get_credential(conn, account_id, username)
+    if row is None:
+        raise not_found(f"credential {username!r}")
+    return json_response(credential_view(row))
+
+
+async def rotate_credential_password(request: web.Request) -> web.Response:
+    """A new generated password (shown once); the old one stops working at once."""
+    ctx = _ctx(request)
+    account_id = request.match_info["account_id"]
+    username = request.match_info["username"]
+    password = generate_password()
+    password_hash = await asyncio.to_thread(hash_password, password)
+    async with ctx.pool.acquire() as conn:
+        row = await store.set_credential_password(conn, account_id, username, password_hash)
+    if row is None:
+        raise not_found(f"credential {username!r}")
+    await ctx.kv.put_credential(credential_record(row))
+    log.info("credential password rotated", account_id=account_id, username=username)
+    return json_response(credential_view(row) | {"password": password})
+
+
 # --- suppressions ------------------------------------------------------------------------
+
+#: Rows per statement (and per KV page) when importing or exporting suppressions.
+CSV_CHUNK = 5000
+#: Validation errors quoted in a refused import.
+CSV_ERRORS_SHOWN = 10
 
 
 def _wants_csv(request: web.Request) -> bool:
@@ -641,9 +768,18 @@ async def list_suppressions(request: web.Request) -> web.StreamResponse:
     return json_response({"items": [suppression_view(r) for r in rows], "next_cursor": next_cursor})
 
 
+def _csv_rows(rows: list[Mapping[str, Any]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    for row in rows:
+        writer.writerow([row["email"], row["reason"], _iso(row["created_at"])])
+    return buffer.getvalue().encode()
+
+
 async def _export_suppressions(
     request: web.Request, ctx: AdminContext, account_id: str
 ) -> web.StreamResponse:
+    """Streams the CSV: one page of rows read, written and sent at a time (chunked)."""
     async with ctx.pool.acquire() as conn:
         await _account_or_404(conn, account_id)
     response = web.StreamResponse(
@@ -652,68 +788,167 @@ async def _export_suppressions(
             "Content-Disposition": f'attachment; filename="suppressions-{account_id}.csv"',
         }
     )
+    response.enable_chunked_encoding()
     await response.prepare(request)
     await response.write(b"email,reason,created_at\r\n")
     cursor: str | None = None
+    exported = 0
     while True:
         async with ctx.pool.acquire() as conn:
-            rows = await store.list_suppressions(conn, account_id, limit=5000, cursor=cursor)
+            rows = await store.list_suppressions(conn, account_id, limit=CSV_CHUNK, cursor=cursor)
         if not rows:
             break
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        for row in rows:
-            writer.writerow([row["email"], row["reason"], _iso(row["created_at"])])
-        await response.write(buffer.getvalue().encode())
+        await response.write(_csv_rows(rows))
+        exported += len(rows)
         cursor = rows[-1]["email"]
     await response.write_eof()
+    log.info("suppressions exported", account_id=account_id, count=exported)
     return response
 
 
-def parse_suppression_csv(text: str) -> list[tuple[str, str]]:
-    """``email[,reason]`` rows, optional header; raises a 400 Problem naming bad lines."""
-    entries: dict[str, str] = {}
-    errors: list[str] = []
-    for number, cells in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if not cells or not cells[0].strip():
-            continue
-        if number == 1 and cells[0].strip().lower() == "email":
-            continue
+def parse_suppression_line(cells: list[str]) -> tuple[str, str] | None:
+    """``email[,reason]`` -> a cleaned pair; ``None`` for blank lines. Raises Problem."""
+    if not cells or not cells[0].strip():
+        return None
+    email = clean_email(cells[0])
+    reason = clean_reason(cells[1]) if len(cells) > 1 and cells[1].strip() else "manual"
+    return (email, reason)
+
+
+class CsvSpool:
+    """Validates CSV lines as they arrive and spools the clean pairs to a temporary file.
+
+    Nothing is imported until the whole upload has been read and found valid: a file with
+    an error is refused as a whole, yet memory stays bounded (the spool moves to disk
+    beyond 256 KiB).
+    """
+
+    def __init__(self) -> None:
+        self.file: IO[str] = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by close()
+            max_size=256 * 1024, mode="w+", encoding="utf-8", newline=""
+        )
+        self._writer = csv.writer(self.file, lineterminator="\n")
+        self.lines = 0
+        self.rows = 0
+        self.errors: list[str] = []
+        self.error_count = 0
+
+    def feed(self, line: str) -> None:
+        self.lines += 1
+        text = line.lstrip("\ufeff") if self.lines == 1 else line
+        cells = next(csv.reader([text]), [])
+        if self.lines == 1 and cells and cells[0].strip().lower() == "email":
+            return
         try:
-            email = clean_email(cells[0])
-            reason = clean_reason(cells[1]) if len(cells) > 1 and cells[1].strip() else "manual"
+            pair = parse_suppression_line(cells)
         except Problem as problem:
-            errors.append(f"line {number}: {problem.detail}")
-            continue
-        entries[email] = reason
-    if errors:
-        shown = "; ".join(errors[:10])
-        more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
-        raise bad_request(f"CSV rejected, nothing imported: {shown}{more}", "invalid-csv")
-    return list(entries.items())
+            self.error_count += 1
+            if len(self.errors) < CSV_ERRORS_SHOWN:
+                self.errors.append(f"line {self.lines}: {problem.detail}")
+            return
+        if pair is not None:
+            self._writer.writerow(pair)
+            self.rows += 1
+
+    def problem(self) -> Problem:
+        shown = "; ".join(self.errors)
+        hidden = self.error_count - len(self.errors)
+        more = f" (and {hidden} more)" if hidden > 0 else ""
+        return bad_request(f"CSV rejected, nothing imported: {shown}{more}", "invalid-csv")
+
+    def chunks(self, size: int) -> Iterator[list[tuple[str, str]]]:
+        """Clean ``(email, reason)`` pairs in chunks, duplicates merged within a chunk (the
+        last reason wins, as it does across chunks)."""
+        self.file.seek(0)
+        chunk: dict[str, str] = {}
+        for email, reason in csv.reader(self.file):
+            chunk[email] = reason
+            if len(chunk) >= size:
+                yield list(chunk.items())
+                chunk = {}
+        if chunk:
+            yield list(chunk.items())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def parse_suppression_csv(text: str) -> list[tuple[str, str]]:
+    """All clean pairs of a CSV text (one email once, its last reason); raises Problem."""
+    spool = CsvSpool()
+    try:
+        for line in text.splitlines():
+            spool.feed(line)
+        if spool.error_count:
+            raise spool.problem()
+        return [pair for chunk in spool.chunks(max(1, spool.rows)) for pair in chunk]
+    finally:
+        spool.close()
+
+
+async def _request_lines(request: web.Request) -> AsyncIterator[str]:
+    """The request body as text lines, read 64 KiB at a time."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    tail = ""
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        text = tail + decoder.decode(chunk)
+        lines = text.splitlines(keepends=True)
+        # the last piece may be a partial line, or a "\r" whose "\n" is in the next chunk
+        tail = lines.pop() if lines and not lines[-1].endswith("\n") else ""
+        for line in lines:
+            yield line.rstrip("\r\n")
+    last = (tail + decoder.decode(b"", final=True)).rstrip("\r\n")
+    if last:
+        yield last
+
+
+async def _import_suppressions(request: web.Request, ctx: AdminContext, account_id: str) -> Any:
+    """Streams a CSV upload into Postgres; KV follows in the background."""
+    spool = CsvSpool()
+    try:
+        async for line in _request_lines(request):
+            spool.feed(line)
+        if spool.error_count:
+            raise spool.problem()
+        imported = added = 0
+        async with ctx.pool.acquire() as conn:  # every row this import writes is newer
+            started: dt.datetime = await conn.fetchval("SELECT now()")
+        for chunk in spool.chunks(CSV_CHUNK):
+            try:
+                async with ctx.pool.acquire() as conn:
+                    written, new = await store.import_suppressions(conn, account_id, chunk)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("suppression import interrupted", imported=imported, error=str(exc))
+                raise Problem(
+                    503,
+                    "Service unavailable",
+                    f"the import stopped after {imported} rows: {exc}; sending the same file "
+                    "again is safe",
+                ) from None
+            imported += written
+            added += new
+    finally:
+        spool.close()
+    if imported:
+        ctx.kv.sync_suppressions_since(account_id, started)
+    log.info("suppressions imported", account_id=account_id, count=imported, new=added)
+    return {"imported": imported, "added": added, "kv": "syncing" if imported else "unchanged"}
 
 
 async def add_suppressions(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     account_id = request.match_info["account_id"]
-    is_csv = request.content_type in ("text/csv", "application/csv")
-    if is_csv:
-        entries = parse_suppression_csv((await request.read()).decode("utf-8-sig", "replace"))
-    else:
-        body = await read_json(request, SuppressionIn)
-        entries = [(clean_email(body.email), clean_reason(body.reason))]
-    rows: list[Mapping[str, Any]] = []
     async with ctx.pool.acquire() as conn:
         await _account_or_404(conn, account_id)
-        async with conn.transaction():
-            for start in range(0, len(entries), 5000):
-                chunk = entries[start : start + 5000]
-                rows.extend(await store.upsert_suppressions(conn, account_id, chunk))
+    if request.content_type in ("text/csv", "application/csv"):
+        return json_response(await _import_suppressions(request, ctx, account_id))
+    body = await read_json(request, SuppressionIn)
+    entries = [(clean_email(body.email), clean_reason(body.reason))]
+    async with ctx.pool.acquire() as conn:
+        rows = await store.upsert_suppressions(conn, account_id, entries)
     await ctx.kv.put_suppressions([suppression_record(r) for r in rows])
     added = sum(1 for r in rows if r["inserted"])
-    log.info("suppressions added", account_id=account_id, count=len(rows), new=added)
-    if is_csv:
-        return json_response({"imported": len(rows), "added": added})
+    log.info("suppression added", account_id=account_id, new=added)
     return json_response(suppression_view(rows[0]), status=201 if added else 200)
 
 
@@ -744,38 +979,110 @@ async def list_account_webhooks(request: web.Request) -> web.Response:
 
 # --- messages and campaigns --------------------------------------------------------------
 
+#: Facts may be recorded slightly before their message's ULID time (clocks differ between
+#: hosts); a day of margin before pruning older partitions from a message's history.
+_CLOCK_MARGIN = dt.timedelta(days=1)
+
+
+def _recorded_since(mailgate_id: str) -> dt.datetime | None:
+    if not is_ulid(mailgate_id):
+        return None
+    return dt.datetime.fromtimestamp(ulid_time_ms(mailgate_id) / 1000, tz=dt.UTC) - _CLOCK_MARGIN
+
+
+def parse_time(raw: str, name: str) -> dt.datetime:
+    """ISO 8601 (a naive time is UTC) or unix seconds; raises a 400 Problem."""
+    value = raw.strip()
+    try:
+        return dt.datetime.fromtimestamp(float(value), tz=dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise bad_request(f"{name} must be an ISO 8601 time or unix seconds") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _int_query(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise bad_request(f"{name} must be an integer") from None
+
+
+async def _message_detail(conn: asyncpg.Connection, mailgate_id: str) -> tuple[Any, list[Any]]:
+    row = await store.get_message(conn, mailgate_id)
+    if row is None:
+        raise not_found(f"message {mailgate_id!r}")
+    events = await store.message_events(
+        conn, mailgate_id, recorded_since=_recorded_since(mailgate_id)
+    )
+    return row, events
+
 
 async def get_message(request: web.Request) -> web.Response:
     mailgate_id = request.match_info["mailgate_id"]
     async with _ctx(request).pool.acquire() as conn:
-        row = await store.get_message(conn, mailgate_id)
-        if row is None:
-            raise not_found(f"message {mailgate_id!r}")
-        events = await store.message_events(conn, mailgate_id)
+        row, events = await _message_detail(conn, mailgate_id)
     return json_response(message_view(row) | {"events": [event_view(e) for e in events]})
+
+
+async def message_timeline(request: web.Request) -> web.Response:
+    """What happened to a message, in order, with the customer event each fact produced and
+    the webhook deliveries that were dead-lettered."""
+    mailgate_id = request.match_info["mailgate_id"]
+    async with _ctx(request).pool.acquire() as conn:
+        row, events = await _message_detail(conn, mailgate_id)
+        dead = await store.list_dead_letters(
+            conn,
+            account_id=None,
+            endpoint_id=None,
+            mailgate_id=mailgate_id,
+            replayed=None,
+            limit=100,
+            cursor=None,
+        )
+    return json_response(
+        {
+            "mailgate_id": row["mailgate_id"],
+            "external_id": row["external_id"],
+            "campaign_id": row["campaign_id"],
+            "recipient": row["recipient"],
+            "status": row["status"],
+            "timeline": [timeline_entry(e) for e in events],
+            "dead_letters": [dead_letter_view(d) for d in dead],
+        }
+    )
 
 
 async def find_messages(request: web.Request) -> web.Response:
     q = request.query
     limit = _limit(request)
-    postal_id: int | None = None
-    if q.get("postal_id"):
-        try:
-            postal_id = int(q["postal_id"])
-        except ValueError:
-            raise bad_request("postal_id must be an integer") from None
-    status = q.get("status")
+    status = q.get("status") or None
     if status is not None and status not in STATUS_RANK:
         raise bad_request(f"unknown status {status!r}")
+    any_id = q.get("id", "").strip() or None
+    since = parse_time(q["since"], "since") if q.get("since") else None
+    until = parse_time(q["until"], "until") if q.get("until") else None
+    if since is not None and until is not None and since >= until:
+        raise bad_request("since must be before until")
     async with _ctx(request).pool.acquire() as conn:
         rows = await store.find_messages(
             conn,
+            any_id=any_id.upper() if any_id and is_ulid(any_id) else any_id,
+            any_postal_id=int(any_id) if any_id and any_id.isdigit() and len(any_id) < 19 else None,
             external_id=q.get("external_id") or None,
             email=q.get("email") or None,
             campaign_id=q.get("campaign_id") or None,
-            postal_id=postal_id,
+            postal_id=_int_query(request, "postal_id"),
             account_id=q.get("account_id") or None,
             status=status,
+            min_id=ulid_prefix(since) if since else None,
+            max_id=ulid_prefix(until) if until else None,
             limit=limit,
             cursor=q.get("cursor") or None,
         )
@@ -788,7 +1095,161 @@ async def campaign_stats(request: web.Request) -> web.Response:
     async with _ctx(request).pool.acquire() as conn:
         statuses = await store.campaign_statuses(conn, campaign_id)
         events = await store.campaign_events(conn, campaign_id)
-    return json_response(campaign_stats_view(campaign_id, statuses, events))
+        non_machine = await store.campaign_unique_non_machine(conn, campaign_id, ENGAGEMENT)
+    return json_response(campaign_stats_view(campaign_id, statuses, events, non_machine))
+
+
+# --- dead letters ------------------------------------------------------------------------
+
+
+class ReplayFilter(msgspec.Struct, kw_only=True):
+    account_id: str | None = None
+    endpoint_id: str | None = None
+    include_replayed: bool = False
+    limit: int = 100
+
+
+def _replayed_query(request: web.Request) -> bool | None:
+    state = request.query.get("state", "all")
+    if state not in ("all", "pending", "replayed"):
+        raise bad_request("state must be one of: all, pending, replayed")
+    return None if state == "all" else state == "replayed"
+
+
+async def list_dead_letters(request: web.Request) -> web.Response:
+    q = request.query
+    limit = _limit(request)
+    async with _ctx(request).pool.acquire() as conn:
+        rows = await store.list_dead_letters(
+            conn,
+            account_id=q.get("account_id") or None,
+            endpoint_id=q.get("endpoint_id") or None,
+            mailgate_id=q.get("mailgate_id") or None,
+            replayed=_replayed_query(request),
+            limit=limit,
+            cursor=q.get("cursor") or None,
+        )
+    next_cursor = rows[-1]["id"] if len(rows) == limit else None
+    return json_response({"items": [dead_letter_view(r) for r in rows], "next_cursor": next_cursor})
+
+
+async def get_dead_letter(request: web.Request) -> web.Response:
+    dead_letter_id = request.match_info["dead_letter_id"]
+    async with _ctx(request).pool.acquire() as conn:
+        row = await store.get_dead_letter(conn, dead_letter_id)
+    if row is None:
+        raise not_found(f"dead letter {dead_letter_id!r}")
+    return json_response(dead_letter_view(row, with_event=True))
+
+
+def replay_event(row: Mapping[str, Any], now: float) -> StatusEvent:
+    """The dead-lettered status event, addressed to its endpoint only, with a fresh retry
+    window (``occurred_at``). Its ``event_id`` (the ``webhook-id``) is unchanged, so a
+    receiver that did get it before de-duplicates it."""
+    original = decode(bytes(row["payload"]), StatusEvent)
+    return msgspec.structs.replace(original, occurred_at=now, endpoint_ids=[row["endpoint_id"]])
+
+
+async def _replay(ctx: AdminContext, row: Mapping[str, Any]) -> Mapping[str, Any]:
+    if ctx.js is None:
+        raise Problem(503, "Service unavailable", "NATS is not connected")
+    event = replay_event(row, time.time())
+    # A new Nats-Msg-Id per replay: JetStream must not drop a second, deliberate replay.
+    msg_id = f"replay-{row['id']}-{row['replay_count'] + 1}"
+    try:
+        await ctx.js.publish(
+            event.subject(), encode(event), timeout=5.0, headers={"Nats-Msg-Id": msg_id}
+        )
+    except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+        raise Problem(
+            503, "Service unavailable", f"the status event was not republished: {exc}"
+        ) from None
+    async with ctx.pool.acquire() as conn:
+        updated = await store.mark_replayed(conn, row["id"])
+    if ctx.metrics is not None:
+        ctx.metrics.dead_letter_replays.inc()
+    log.info(
+        "dead letter replayed",
+        dead_letter_id=row["id"],
+        endpoint_id=row["endpoint_id"],
+        mailgate_id=row["mailgate_id"],
+    )
+    return updated or row
+
+
+async def replay_dead_letter(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    dead_letter_id = request.match_info["dead_letter_id"]
+    async with ctx.pool.acquire() as conn:
+        row = await store.get_dead_letter(conn, dead_letter_id)
+    if row is None:
+        raise not_found(f"dead letter {dead_letter_id!r}")
+    updated = await _replay(ctx, row)
+    return json_response(dead_letter_view(updated), status=202)
+
+
+async def replay_dead_letters(request: web.Request) -> web.Response:
+    """Replay the dead letters of an account or endpoint (not yet replayed ones by default)."""
+    ctx = _ctx(request)
+    body = await read_json(request, ReplayFilter)
+    if body.account_id is None and body.endpoint_id is None:
+        raise bad_request("give account_id or endpoint_id (replaying everything is refused)")
+    if not 1 <= body.limit <= 1000:
+        raise bad_request("limit must be between 1 and 1000")
+    async with ctx.pool.acquire() as conn:
+        rows = await store.list_dead_letters(
+            conn,
+            account_id=body.account_id,
+            endpoint_id=body.endpoint_id,
+            mailgate_id=None,
+            replayed=None if body.include_replayed else False,
+            limit=body.limit,
+            cursor=None,
+        )
+    replayed = [dead_letter_view(await _replay(ctx, row)) for row in reversed(rows)]
+    return json_response({"replayed": len(replayed), "items": replayed}, status=202)
+
+
+# --- health --------------------------------------------------------------------------------
+
+
+async def _consumer_lag(js: JetStreamContext) -> dict[str, dict[str, int]]:
+    lag: dict[str, dict[str, int]] = {}
+    for stream, durable, _subject in CONSUMERS:
+        try:
+            info = await js.consumer_info(stream, durable, timeout=2.0)
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            lag[durable] = {"error": 1}
+            log.info("consumer info failed", durable=durable, error=str(exc))
+            continue
+        lag[durable] = {"pending": info.num_pending or 0, "ack_pending": info.num_ack_pending or 0}
+    return lag
+
+
+async def get_health(request: web.Request) -> web.Response:
+    """Readiness checks plus what an operator looks at first: backlogs and partitions."""
+    ctx = _ctx(request)
+    failing = await ctx.health.failing() if ctx.health is not None else []
+    async with ctx.pool.acquire() as conn:
+        counts = await store.health_counts(conn)
+        months = await existing_months(conn)
+    body: dict[str, Any] = {
+        "status": "degraded" if failing else "ok",
+        "failing": failing,
+        **counts,
+        "kv_bulk_writes_running": ctx.kv.bulk_writes_running,
+        "partitions": {
+            table: {
+                "count": len(found),
+                "oldest": found[0].strftime("%Y-%m") if found else None,
+                "newest": found[-1].strftime("%Y-%m") if found else None,
+            }
+            for table, found in months.items()
+        },
+    }
+    if ctx.js is not None:
+        body["consumers"] = await _consumer_lag(ctx.js)
+    return json_response(body, status=200 if body["status"] == "ok" else 503)
 
 
 # --- customer webhook registration (account token) ---------------------------------------

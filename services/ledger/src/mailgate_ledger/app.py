@@ -6,7 +6,6 @@ endpoints, and serves the admin API on ADMIN_HOST:ADMIN_PORT (with /metrics /hea
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 
 import asyncpg
 import structlog
@@ -15,7 +14,6 @@ from mailgate_core.nats import PullWorker
 from mailgate_core.service import ServiceBase
 from prometheus_client import CollectorRegistry
 
-from . import store
 from .admin import AdminContext, make_admin_app
 from .db import create_pool, ping
 from .ingest import CONSUMERS, Ingestor
@@ -23,6 +21,7 @@ from .kvsync import KvCache, KvSync
 from .metrics import LedgerMetrics
 from .migrations import migrate
 from .outbox import Outbox
+from .partitions import PartitionKeeper
 from .webhooks import Resolver, system_resolver
 
 log = structlog.get_logger()
@@ -37,6 +36,8 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     domain: str = "localhost"
     batch_size: int = 256
     retention_days: int = 90
+    """Facts and messages older than this go, a whole monthly partition at a time."""
+    partition_months_ahead: int = 2
     webhook_allow_private: bool = False
     db_pool_size: int = 10
     outbox_interval_s: float = 1.0
@@ -54,6 +55,11 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
             raise ConfigError(
                 f"config error: RETENTION_DAYS={self.retention_days!r} must be positive"
             )
+        if not 0 <= self.partition_months_ahead <= 24:
+            raise ConfigError(
+                "config error: PARTITION_MONTHS_AHEAD="
+                f"{self.partition_months_ahead!r} must be between 0 and 24"
+            )
 
 
 class LedgerService(ServiceBase):
@@ -64,6 +70,7 @@ class LedgerService(ServiceBase):
     def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None):
         super().__init__(settings, registry=registry)
         self.pool: asyncpg.Pool | None = None
+        self.partitions: PartitionKeeper | None = None
         self.tasks: list[asyncio.Task[None]] = []
 
     async def stop(self) -> None:
@@ -92,17 +99,24 @@ class LedgerService(ServiceBase):
         self.tasks.clear()
 
 
-async def _retention_loop(pool: asyncpg.Pool, days: int, interval_s: float) -> None:
+async def _maintenance_loop(
+    partitions: PartitionKeeper, metrics: LedgerMetrics, interval_s: float
+) -> None:
+    """Create next months' partitions and apply retention, now and every ``interval_s``."""
     while True:
         try:
-            cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
-            removed = await store.prune(pool, older_than=cutoff)
-            if any(removed.values()):
-                log.info("retention pruned", **removed)
+            created = await partitions.ensure_ahead()
+            metrics.partitions_created.inc(len(created))
+            result = await partitions.retention()
+            metrics.partitions_dropped.inc(len(result.dropped))
+            for table, count in result.deleted.items():
+                metrics.retention_deleted.labels(table).inc(count)
+            if result.dropped or any(result.deleted.values()):
+                log.info("retention applied", dropped=result.dropped, **result.deleted)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("retention failed", error=str(exc))
+            log.warning("partition maintenance failed", error=repr(exc))
         await asyncio.sleep(interval_s)
 
 
@@ -121,9 +135,16 @@ async def build(
             await service.nc.close()
         raise
     service.pool = pool
+    partitions = PartitionKeeper(
+        pool,
+        ahead_months=settings.partition_months_ahead,
+        retention_days=settings.retention_days,
+    )
+    service.partitions = partitions
     try:
         async with pool.acquire() as conn:
             await migrate(conn)
+        await partitions.ensure_ahead()
         cache = KvCache(service.js)
         await cache.open()
     except BaseException:
@@ -135,7 +156,7 @@ async def build(
     metrics = LedgerMetrics(service.registry)
     kv = KvSync(pool, cache, interval_s=settings.kv_resync_interval_s)
     outbox = Outbox(pool, service.js, metrics, interval_s=settings.outbox_interval_s)
-    ingestor = Ingestor(pool, outbox, kv, metrics)
+    ingestor = Ingestor(pool, outbox, kv, metrics, partitions)
     for stream, durable, subject in CONSUMERS:
         service.workers.append(
             PullWorker(
@@ -146,6 +167,7 @@ async def build(
                 ingestor.handler(stream),
                 batch=settings.batch_size,
                 max_ack_pending=max(1000, settings.batch_size * 4),
+                sync_acks=False,  # idempotent: a lost ack is a harmless redelivery
             )
         )
 
@@ -156,6 +178,11 @@ async def build(
             admin_token=str(settings.admin_token),
             allow_private_webhooks=settings.webhook_allow_private,
             resolve=resolver,
+            js=service.js,
+            metrics=metrics,
+            outbox=outbox,
+            partitions=partitions,
+            health=service.health,
         )
     )
     service.add_http(admin, settings.admin_host, settings.admin_port)
@@ -171,11 +198,17 @@ async def build(
             asyncio.create_task(kv.run(), name="ledger:kv-resync"),
             asyncio.create_task(outbox.run(), name="ledger:outbox"),
             asyncio.create_task(
-                _retention_loop(pool, settings.retention_days, settings.retention_interval_s),
-                name="ledger:retention",
+                _maintenance_loop(partitions, metrics, settings.retention_interval_s),
+                name="ledger:partitions",
             ),
         ]
 
     service.on_start.append(start_loops)
+
+    async def drain_outbox() -> None:
+        await outbox.drain()
+
+    service.on_stop.append(drain_outbox)
+    service.on_stop.append(kv.stop)
     service.on_stop.append(service.cancel_tasks)
     return service

@@ -18,6 +18,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Released connections skip asyncpg's session reset (unlock, close cursors, unlisten,
+    RESET ALL: a round trip per release). The ledger leaves no session state behind: settings
+    are ``SET LOCAL``, cursors live in transactions, the migration lock is released in a
+    ``finally``; asyncpg still rolls back a transaction left open."""
+
+
 async def create_pool(database_url: str, *, max_size: int = 10) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         database_url,
@@ -26,7 +33,10 @@ async def create_pool(database_url: str, *, max_size: int = 10) -> asyncpg.Pool:
         timeout=10,
         command_timeout=60,
         init=_init_connection,
-        server_settings={"application_name": "mailgate-ledger"},
+        reset=_keep_session,
+        server_settings={
+            "application_name": "mailgate-ledger",
+        },
     )
     assert pool is not None
     return pool

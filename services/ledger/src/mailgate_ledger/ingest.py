@@ -1,13 +1,17 @@
-"""Consuming facts: one Postgres transaction per batch, then the outbox, then the acks.
+"""Consuming facts: one Postgres transaction per batch, acks after the commit.
 
 For each batch from a stream: decode every message (undecodable ones are terminated and
-logged), then in ONE transaction record the new facts (``event_id`` is the idempotency key),
-create or complete the message rows, and turn every fact whose message is known into a
-customer status event in the outbox (plus a suppression for hard bounces, complaints and
-unsubscribes). A fact whose message row does not exist yet (a webhook consumed before
-``mail.accepted``) stays *pending* and is turned into its status event when the row appears.
-After the commit the new outbox rows are published and the batch is acknowledged; if the
-commit fails nothing is acknowledged (nak with backoff).
+logged), then in ONE transaction record the new facts (``event_id`` is the idempotency key,
+claimed in ``event_ids``), create or complete the message rows, and turn every fact whose
+message is known into a customer status event in the outbox (plus a suppression for hard
+bounces, complaints and unsubscribes). A fact whose message row does not exist yet (a
+webhook consumed before ``mail.accepted``) stays *pending* and is turned into its status
+event when the row appears. After the commit the batch is acknowledged and the new outbox
+rows are handed to the outbox publisher (the outbox makes their publication durable, so the
+input need not wait for it); if the commit fails nothing is acknowledged (nak with backoff).
+
+Every write of a batch is one set-based statement over arrays (``unnest``), so a batch of
+256 facts costs about ten round trips, not 256: see ``bench/bench_ledger.py``.
 
 Concurrent batches (one per stream, several replicas) serialize on transaction-scoped
 advisory locks taken in sorted order, one per mailgate id and per Postal id they touch, so a
@@ -26,6 +30,7 @@ from typing import Any
 import asyncpg
 import msgspec
 import structlog
+from mailgate_core.ids import new_ulid
 from mailgate_core.nats import Ack, Nak, Outcome, Term, backoff_delay, delivery_count
 from mailgate_core.records import SuppressionRecord, normalize_email
 from mailgate_core.schemas import (
@@ -40,6 +45,7 @@ from mailgate_core.schemas import (
     StatusEvent,
     TrackClick,
     TrackOpen,
+    WebhookDeadLettered,
     decode_subject,
     encode,
 )
@@ -48,6 +54,7 @@ from nats.aio.msg import Msg
 from .kvsync import KvSync
 from .metrics import LedgerMetrics
 from .outbox import Outbox, OutboxRow
+from .partitions import PartitionKeeper
 from .status import SUPPRESSING_STATUSES, Fact, classify, rank
 
 log = structlog.get_logger()
@@ -88,11 +95,19 @@ def _strip_nul(value: Any) -> Any:
     return value
 
 
+def _json_without_nul(value: Any) -> str:
+    """JSON text for a jsonb column (which refuses U+0000: stripped, only when present)."""
+    raw = msgspec.json.encode(value)
+    if b"\\u0000" in raw:
+        raw = msgspec.json.encode(_strip_nul(value))
+    return raw.decode()
+
+
 def event_history_json(event: Event) -> str:
     """The event as stored in ``events.data``: everything but the raw message."""
     data = msgspec.to_builtins(event)
     data.pop("raw", None)
-    return msgspec.json.encode(_strip_nul(data)).decode()
+    return _json_without_nul(data)
 
 
 def _ts(seconds: float) -> dt.datetime:
@@ -114,23 +129,33 @@ class Committed:
     suppressions: list[SuppressionRecord] = field(default_factory=list)
     recorded: int = 0
     duplicates: int = 0
+    dead_letters: int = 0
 
 
+# Facts: claim the event ids first; only the ones claimed now are inserted as history.
 SQL_INSERT_EVENTS = """
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                         $6::text[], $7::text[], $8::bool[], $9::timestamptz[], $10::text[])
+         AS t(e, m, p, s, n, sn, sd, pend, o, d)
+), claimed AS (
+    INSERT INTO event_ids (event_id) SELECT e FROM input
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+)
 INSERT INTO events (event_id, mailgate_id, postal_id, subject, name, status_name, status_data,
                     status_pending, occurred_at, data)
 SELECT e, m, p, s, n, sn, sd::jsonb, pend, o, d::jsonb
-FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-            $7::text[], $8::bool[], $9::timestamptz[], $10::text[])
-     AS t(e, m, p, s, n, sn, sd, pend, o, d)
-ON CONFLICT (event_id) DO NOTHING
+FROM input JOIN claimed ON claimed.event_id = input.e
 RETURNING event_id
 """
 
-SQL_UPSERT_MESSAGE = """
+# One row per mailgate id (merged in Python), so ON CONFLICT touches each row once.
+SQL_UPSERT_MESSAGES = """
 INSERT INTO messages (mailgate_id, external_id, campaign_id, postal_id, postal_token,
                       account_id, recipient, sender, subject, size, accepted_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+                     $7::text[], $8::text[], $9::text[], $10::int[], $11::timestamptz[])
 ON CONFLICT (mailgate_id) DO UPDATE SET
     external_id  = COALESCE(messages.external_id, EXCLUDED.external_id),
     campaign_id  = COALESCE(messages.campaign_id, EXCLUDED.campaign_id),
@@ -150,9 +175,21 @@ WHERE events.postal_id = v.pid AND events.mailgate_id IS NULL AND events.status_
 RETURNING events.mailgate_id
 """
 
-SQL_SET_POSTAL_ID = """
-UPDATE messages SET postal_id = $2, postal_token = COALESCE(postal_token, $3), updated_at = now()
-WHERE mailgate_id = $1 AND postal_id IS NULL
+SQL_SET_POSTAL_IDS = """
+UPDATE messages m SET postal_id = v.pid, postal_token = COALESCE(m.postal_token, v.tok),
+                      updated_at = now()
+FROM unnest($1::text[], $2::bigint[], $3::text[]) AS v(mid, pid, tok)
+WHERE m.mailgate_id = v.mid AND m.postal_id IS NULL
+"""
+
+SQL_BY_POSTAL_ID = "SELECT postal_id, mailgate_id FROM messages WHERE postal_id = ANY($1::bigint[])"
+
+# Legacy tracking links name AMS's ids only: the newest message with that external id.
+SQL_BY_EXTERNAL_ID = """
+SELECT DISTINCT ON (v.ext, v.cid) v.ext, v.cid, m.mailgate_id
+FROM unnest($1::text[], $2::text[]) AS v(ext, cid)
+JOIN messages m ON m.external_id = v.ext AND (v.cid IS NULL OR m.campaign_id = v.cid)
+ORDER BY v.ext, v.cid, m.mailgate_id DESC
 """
 
 SQL_PENDING = """
@@ -170,6 +207,12 @@ ON CONFLICT (msg_id) DO NOTHING
 RETURNING id, subject, msg_id, payload
 """
 
+SQL_MARK_EMITTED = """
+UPDATE events SET status_pending = false, campaign_id = v.cid
+FROM unnest($1::text[], $2::text[], $3::text[]) AS v(eid, mid, cid)
+WHERE events.mailgate_id = v.mid AND events.event_id = v.eid AND events.status_pending
+"""
+
 SQL_ADVANCE_STATUS = """
 UPDATE messages m SET status = v.status, status_rank = v.rnk, updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::int[]) AS v(id, status, rnk)
@@ -183,6 +226,44 @@ ON CONFLICT (account_id, email) DO NOTHING
 RETURNING account_id, email, reason, created_at
 """
 
+SQL_INSERT_DEAD_LETTERS = """
+INSERT INTO dead_letters (id, event_id, status_event_id, status_name, mailgate_id, account_id,
+                          endpoint_id, url, attempts, reason, http_status, payload)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::text[], $9::int[], $10::text[], $11::int[], $12::bytea[])
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+_MESSAGE_COLUMNS = 11
+_KEEP_FIRST = (1, 2, 5, 6, 7, 8, 9, 10)  # external_id, campaign_id, account... accepted_at
+_KEEP_LAST = (3, 4)  # postal_id, postal_token
+
+
+def merge_message_rows(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """One row per mailgate id: the first known value of each field (the last for Postal's
+    ids), the same precedence the upsert applies against the stored row."""
+    merged: dict[str, list[Any]] = {}
+    for row in rows:
+        current = merged.get(row[0])
+        if current is None:
+            merged[row[0]] = list(row)
+            continue
+        for i in _KEEP_FIRST:
+            if current[i] is None:
+                current[i] = row[i]
+        for i in _KEEP_LAST:
+            if row[i] is not None:
+                current[i] = row[i]
+    return [tuple(values) for values in merged.values()]
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    columns: list[list[Any]] = [[] for _ in range(width)]
+    for row in rows:
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return columns
+
 
 class Ingestor:
     """The batch handler behind every ledger pull consumer."""
@@ -193,11 +274,13 @@ class Ingestor:
         outbox: Outbox,
         kv: KvSync,
         metrics: LedgerMetrics,
+        partitions: PartitionKeeper | None = None,
     ) -> None:
         self._pool = pool
         self._outbox = outbox
         self._kv = kv
         self._metrics = metrics
+        self._partitions = partitions
 
     def handler(self, stream: str) -> Callable[[Sequence[Msg]], Awaitable[Sequence[Outcome]]]:
         async def handle(msgs: Sequence[Msg]) -> Sequence[Outcome]:
@@ -220,9 +303,22 @@ class Ingestor:
             fact = classify(event)
             items.append(Item(index, event, fact, fact.mailgate_id, fact.postal_id))
         if items:
+            await self._ensure_partitions(items)
             await self._record(stream, msgs, items, outcomes)
         self._metrics.batch_seconds.labels(stream).observe(time.perf_counter() - started)
         return outcomes
+
+    async def _ensure_partitions(self, items: list[Item]) -> None:
+        """New messages of a month without a partition (a late backlog) get one first."""
+        if self._partitions is None:
+            return
+        ids = [i.event.message.mailgate_id for i in items if isinstance(i.event, MAIL_EVENTS)]
+        try:
+            created = await self._partitions.ensure_for(ids)
+        except Exception as exc:  # the rows land in the default partition meanwhile
+            log.warning("partition creation failed", error=repr(exc))
+            return
+        self._metrics.partitions_created.inc(len(created))
 
     async def _record(
         self, stream: str, msgs: Sequence[Msg], items: list[Item], outcomes: list[Outcome]
@@ -256,10 +352,11 @@ class Ingestor:
             for item in items:
                 outcomes[item.index] = Nak(_delay(msgs[item.index]))
             return
-        await self._outbox.publish_committed(committed.outbox)
+        await self._outbox.submit(committed.outbox)
         if committed.suppressions:
             await self._kv.put_suppressions(committed.suppressions)
         self._metrics.duplicates.inc(committed.duplicates)
+        self._metrics.dead_letters.inc(committed.dead_letters)
         for item in items:
             outcomes[item.index] = Ack()
 
@@ -290,6 +387,7 @@ class Ingestor:
             result.duplicates += len(unique) - len(new)
             touched = await self._apply_mail_facts(conn, new)
             touched.update(item.mailgate_id for item in new if item.mailgate_id)
+            result.dead_letters = await self._insert_dead_letters(conn, new)
             await self._emit_pending(conn, sorted(touched), result)
         for item in new:
             self._metrics.events.labels(item.event.subject()).inc()
@@ -311,78 +409,111 @@ class Ingestor:
             and isinstance(i.event, PostalEvent)
         ]
         if by_postal:
-            rows = await conn.fetch(
-                "SELECT postal_id, mailgate_id FROM messages WHERE postal_id = ANY($1::bigint[])",
-                by_postal,
-            )
+            rows = await conn.fetch(SQL_BY_POSTAL_ID, by_postal)
             found = {r["postal_id"]: r["mailgate_id"] for r in rows}
             for item in items:
                 if item.mailgate_id is None and item.postal_id in found:
                     item.mailgate_id = found[item.postal_id]
-        for item in items:
-            event = item.event
-            # legacy tracking links carry AMS's ids only
-            if (
-                item.mailgate_id is None
-                and isinstance(event, TrackOpen | TrackClick)
-                and event.external_id
-            ):
-                item.mailgate_id = await conn.fetchval(
-                    """SELECT mailgate_id FROM messages
-                           WHERE external_id = $1 AND ($2::text IS NULL OR campaign_id = $2)
-                           ORDER BY mailgate_id DESC LIMIT 1""",
-                    event.external_id,
-                    event.campaign_id,
-                )
+        legacy = [
+            i
+            for i in items
+            if i.mailgate_id is None
+            and isinstance(i.event, TrackOpen | TrackClick)
+            and i.event.external_id
+        ]
+        if legacy:
+            pairs = {(i.event.external_id, i.event.campaign_id) for i in legacy}  # type: ignore[attr-defined]
+            rows = await conn.fetch(
+                SQL_BY_EXTERNAL_ID, [p[0] for p in pairs], [p[1] for p in pairs]
+            )
+            by_pair = {(r["ext"], r["cid"]): r["mailgate_id"] for r in rows}
+            for item in legacy:
+                event = item.event
+                assert isinstance(event, TrackOpen | TrackClick)
+                item.mailgate_id = by_pair.get((event.external_id, event.campaign_id))
 
     async def _insert_events(self, conn: asyncpg.Connection, items: list[Item]) -> set[str]:
         if not items:
             return set()
-        columns: list[list[Any]] = [[] for _ in range(10)]
+        rows = []
         for item in items:
             fact = item.fact
             resolvable = item.mailgate_id is not None or item.postal_id is not None
-            row = (
-                item.event.event_id,
-                item.mailgate_id,
-                item.postal_id,
-                item.event.subject(),
-                fact.name,
-                fact.status,
-                msgspec.json.encode(_strip_nul(fact.data)).decode() if fact.status else None,
-                fact.status is not None and resolvable,
-                _ts(fact.timestamp),
-                event_history_json(item.event),
+            rows.append(
+                (
+                    item.event.event_id,
+                    item.mailgate_id,
+                    item.postal_id,
+                    item.event.subject(),
+                    fact.name,
+                    fact.status,
+                    _json_without_nul(fact.data) if fact.status else None,
+                    fact.status is not None and resolvable,
+                    _ts(fact.timestamp),
+                    event_history_json(item.event),
+                )
             )
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
-        rows = await conn.fetch(SQL_INSERT_EVENTS, *columns)
-        return {r["event_id"] for r in rows}
+        recorded = await conn.fetch(SQL_INSERT_EVENTS, *_columns(rows, 10))
+        return {r["event_id"] for r in recorded}
 
     async def _apply_mail_facts(self, conn: asyncpg.Connection, items: list[Item]) -> set[str]:
         """Create or complete message rows from mail.* facts; return mailgate ids touched."""
         upserts: list[tuple[Any, ...]] = []
-        submitted: list[tuple[int, str]] = []
-        postal_ids: list[tuple[str, int, str | None]] = []
+        submitted: dict[int, str] = {}
+        postal_ids: dict[str, tuple[int, str | None]] = {}
         for item in items:
             event = item.event
             if isinstance(event, MAIL_EVENTS):
                 upserts.append(_message_row(event))
                 if isinstance(event, MailSubmitted):
-                    submitted.append((event.postal_id, event.message.mailgate_id))
+                    submitted[event.postal_id] = event.message.mailgate_id
             elif isinstance(event, PostalEvent) and item.mailgate_id and item.postal_id:
-                postal_ids.append((item.mailgate_id, item.postal_id, event.postal_token))
+                postal_ids[item.mailgate_id] = (item.postal_id, event.postal_token)
         touched: set[str] = set()
         if upserts:
-            await conn.executemany(SQL_UPSERT_MESSAGE, upserts)
+            await conn.execute(
+                SQL_UPSERT_MESSAGES, *_columns(merge_message_rows(upserts), _MESSAGE_COLUMNS)
+            )
         if submitted:
             rows = await conn.fetch(
-                SQL_LINK_POSTAL_FACTS, [p for p, _ in submitted], [m for _, m in submitted]
+                SQL_LINK_POSTAL_FACTS, list(submitted), list(submitted.values())
             )
             touched.update(r["mailgate_id"] for r in rows)
         if postal_ids:
-            await conn.executemany(SQL_SET_POSTAL_ID, postal_ids)
+            await conn.execute(
+                SQL_SET_POSTAL_IDS,
+                list(postal_ids),
+                [p for p, _ in postal_ids.values()],
+                [t for _, t in postal_ids.values()],
+            )
         return touched
+
+    async def _insert_dead_letters(self, conn: asyncpg.Connection, items: list[Item]) -> int:
+        rows = []
+        for item in items:
+            event = item.event
+            if not isinstance(event, WebhookDeadLettered):
+                continue
+            status = event.status
+            rows.append(
+                (
+                    new_ulid(),
+                    event.event_id,
+                    status.event_id,
+                    status.name,
+                    status.message.mailgate_id,
+                    status.message.account_id,
+                    event.endpoint_id,
+                    event.url,
+                    event.attempts,
+                    event.reason,
+                    event.http_status,
+                    encode(status),
+                )
+            )
+        if rows:
+            await conn.execute(SQL_INSERT_DEAD_LETTERS, *_columns(rows, 12))
+        return len(rows)
 
     async def _emit_pending(
         self, conn: asyncpg.Connection, mailgate_ids: list[str], result: Committed
@@ -428,8 +559,10 @@ class Ingestor:
             OutboxRow(r["id"], r["subject"], r["msg_id"], bytes(r["payload"])) for r in inserted
         )
         await conn.execute(
-            "UPDATE events SET status_pending = false WHERE event_id = ANY($1::text[])",
+            SQL_MARK_EMITTED,
             [r["event_id"] for r in rows],
+            [r["mailgate_id"] for r in rows],
+            [r["campaign_id"] for r in rows],
         )
         await conn.execute(
             SQL_ADVANCE_STATUS,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -33,6 +34,7 @@ log = structlog.get_logger()
 
 _encoder = msgspec.json.Encoder()
 _PUT_CONCURRENCY = 64
+_BULK_CONCURRENCY = 256
 
 
 # --- rows -> records (pure) ----------------------------------------------------------------
@@ -98,6 +100,15 @@ SQL_ACCOUNTS = "SELECT * FROM accounts"
 SQL_ENDPOINTS = "SELECT * FROM endpoints WHERE enabled ORDER BY account_id, created_at"
 SQL_ENDPOINTS_OF = "SELECT * FROM endpoints WHERE account_id = $1 ORDER BY created_at"
 SQL_SUPPRESSIONS = "SELECT account_id, email, reason, created_at FROM suppressions"
+SQL_SUPPRESSIONS_CHANGED = """
+SELECT account_id, email, reason, created_at FROM suppressions
+WHERE account_id = $1 AND email > $3 AND updated_at >= $2
+ORDER BY email LIMIT 5000
+"""
+SQL_SUPPRESSIONS_GONE = """
+SELECT email FROM unnest($2::text[]) AS v(email)
+WHERE NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.account_id = $1 AND s.email = v.email)
+"""
 
 
 class KvCache:
@@ -135,6 +146,7 @@ class KvSync:
         self._cache = cache
         self._interval_s = interval_s
         self._wake = asyncio.Event()
+        self._bulk: set[asyncio.Task[int]] = set()
         self.synced = False
         """True once a full resync has completed (a readiness check)."""
 
@@ -164,6 +176,64 @@ class KvSync:
                 await self._safe(KV_SUPPRESSIONS, suppression_key(rec.account_id, rec.email), rec)
 
         await asyncio.gather(*(one(r) for r in records))
+
+    def sync_suppressions_since(self, account_id: str, since: dt.datetime) -> None:
+        """Write the account's suppressions changed since ``since`` to KV in the background.
+
+        Used after a bulk CSV import: KV takes a few thousand writes a second, Postgres far
+        more, so the import answers once Postgres has committed and KV catches up here,
+        reading the rows back page by page (bounded memory whatever the import's size).
+        """
+        task = asyncio.create_task(
+            self._sync_suppressions(account_id, since), name="ledger:kv-suppressions"
+        )
+        self._bulk.add(task)
+        task.add_done_callback(self._bulk_done)
+
+    def _bulk_done(self, task: asyncio.Task[int]) -> None:
+        self._bulk.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("kv bulk write failed", error=repr(task.exception()))
+            self.request_resync()
+
+    @property
+    def bulk_writes_running(self) -> int:
+        return len(self._bulk)
+
+    async def _sync_suppressions(self, account_id: str, since: dt.datetime) -> int:
+        async def put_all(records: list[SuppressionRecord]) -> None:
+            pending = iter(records)
+
+            async def worker() -> None:  # a fixed number of writers, not a task per key
+                for rec in pending:
+                    key = suppression_key(rec.account_id, rec.email)
+                    await self._safe(KV_SUPPRESSIONS, key, rec)
+
+            await asyncio.gather(*(worker() for _ in range(_BULK_CONCURRENCY)))
+
+        written = 0
+        cursor = ""
+        while True:
+            rows = await self._pool.fetch(SQL_SUPPRESSIONS_CHANGED, account_id, since, cursor)
+            if not rows:
+                break
+            await put_all([suppression_record(r) for r in rows])
+            # A suppression removed while this page was being written must not stay in KV.
+            emails = [r["email"] for r in rows]
+            gone = await self._pool.fetch(SQL_SUPPRESSIONS_GONE, account_id, emails)
+            for r in gone:
+                await self._safe(KV_SUPPRESSIONS, suppression_key(account_id, r["email"]), None)
+            written += len(rows)
+            cursor = rows[-1]["email"]
+        log.info("kv suppressions written", account_id=account_id, count=written)
+        return written
+
+    async def stop(self) -> None:
+        """Cancel background bulk writes (the next start's resync completes them)."""
+        for task in list(self._bulk):
+            task.cancel()
+        if self._bulk:
+            await asyncio.wait(set(self._bulk), timeout=5.0)
 
     async def delete_suppression(self, account_id: str, email: str) -> None:
         await self._safe(KV_SUPPRESSIONS, suppression_key(account_id, email), None)

@@ -54,3 +54,29 @@ class LedgerMetrics:
             ["reason"],
             registry=registry,
         )
+        self.dead_letters = Counter(
+            "mailgate_ledger_dead_letters_total",
+            "Webhook deliveries ams-reporter dead-lettered, recorded for replay.",
+            registry=registry,
+        )
+        self.dead_letter_replays = Counter(
+            "mailgate_ledger_dead_letter_replays_total",
+            "Dead letters republished to the STATUS stream by an operator.",
+            registry=registry,
+        )
+        self.partitions_created = Counter(
+            "mailgate_ledger_partitions_created_total",
+            "Monthly partitions of messages/events created.",
+            registry=registry,
+        )
+        self.partitions_dropped = Counter(
+            "mailgate_ledger_partitions_dropped_total",
+            "Monthly partitions of messages/events dropped by retention.",
+            registry=registry,
+        )
+        self.retention_deleted = Counter(
+            "mailgate_ledger_retention_deleted_rows_total",
+            "Rows deleted by retention outside the partitions, by table.",
+            ["table"],
+            registry=registry,
+        )

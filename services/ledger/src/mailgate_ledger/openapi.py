@@ -1,7 +1,14 @@
-"""The admin API's OpenAPI 3.1 document (hand-written; served at ``GET /v1/openapi.json``)."""
+"""The admin API's OpenAPI 3.1 document (hand-written; served at ``GET /v1/openapi.json``).
+
+``python -m mailgate_ledger.openapi docs/openapi.json`` (``make openapi``) writes the checked-in
+copy; a test keeps the two equal.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
 from mailgate_core.schemas import STATUS_NAMES
@@ -22,7 +29,7 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
-_ERRORS = {"400": _PROBLEM, "401": _PROBLEM, "404": _PROBLEM}
+_ERRORS = {"400": _PROBLEM, "401": _PROBLEM, "404": _PROBLEM, "503": _PROBLEM}
 _ACCOUNT_ID = {"name": "account_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _PAGING = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
@@ -116,15 +123,30 @@ def openapi_document() -> dict[str, Any]:
                     ),
                     "responses": {"200": _json(_ref("Credential")), **_ERRORS},
                 },
+                "get": {
+                    "summary": "One credential",
+                    "responses": {"200": _json(_ref("Credential")), **_ERRORS},
+                },
                 "delete": {
                     "summary": "Disable a credential",
                     "responses": {"200": _json(_ref("Credential")), **_ERRORS},
                 },
             },
+            "/v1/accounts/{account_id}/credentials/{username}/password": {
+                "parameters": [
+                    _ACCOUNT_ID,
+                    {"name": "username", "in": "path", "required": True, "schema": string},
+                ],
+                "post": {
+                    "summary": "Rotate the password: a new one is generated and shown once",
+                    "responses": {"200": _json(_ref("CredentialCreated")), **_ERRORS},
+                },
+            },
             "/v1/accounts/{account_id}/suppressions": {
                 "parameters": [_ACCOUNT_ID],
                 "get": {
-                    "summary": "List suppressed recipients (CSV with format=csv)",
+                    "summary": "List suppressed recipients; format=csv (or Accept: text/csv) "
+                    "streams every row as CSV (email,reason,created_at)",
                     "parameters": [
                         *_PAGING,
                         {"name": "format", "in": "query", "schema": {"enum": ["json", "csv"]}},
@@ -141,7 +163,9 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
                 "post": {
-                    "summary": "Suppress a recipient, or import a CSV (email[,reason] rows)",
+                    "summary": "Suppress a recipient, or stream a CSV import (email[,reason] "
+                    "rows, optional header; refused whole on any bad line). Postgres is "
+                    'written before the answer; the KV cache follows ("kv": "syncing")',
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -151,7 +175,10 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "responses": {
                         "201": _json(_ref("Suppression"), "Created"),
-                        "200": _json(_ref("Suppression"), "Updated, or CSV imported"),
+                        "200": _json(
+                            {"oneOf": [_ref("Suppression"), _ref("SuppressionImport")]},
+                            "Updated, or CSV imported",
+                        ),
                         **_ERRORS,
                     },
                 },
@@ -172,14 +199,32 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/messages": {
                 "get": {
-                    "summary": "Find messages, newest first",
+                    "summary": "Find messages, newest first (keyset pages: pass next_cursor "
+                    "back as cursor); filters combine",
                     "parameters": [
+                        {
+                            "name": "id",
+                            "in": "query",
+                            "description": "Any id: mailgate id, external id, Postal id or "
+                            "Postal token",
+                            "schema": string,
+                        },
                         *(
                             {"name": n, "in": "query", "schema": string}
                             for n in ("external_id", "email", "campaign_id", "account_id")
                         ),
                         {"name": "postal_id", "in": "query", "schema": {"type": "integer"}},
                         {"name": "status", "in": "query", "schema": {"enum": list(STATUS_RANK)}},
+                        *(
+                            {
+                                "name": n,
+                                "in": "query",
+                                "description": f"Accepted {word} this time (ISO 8601 or unix "
+                                "seconds)",
+                                "schema": string,
+                            }
+                            for n, word in (("since", "at or after"), ("until", "before"))
+                        ),
                         *_PAGING,
                     ],
                     "responses": {"200": _json(_page("Message")), **_ERRORS},
@@ -194,13 +239,92 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json(_ref("MessageDetail")), **_ERRORS},
                 }
             },
+            "/v1/messages/{mailgate_id}/timeline": {
+                "get": {
+                    "summary": "What happened to a message, in order: each fact, the customer "
+                    "event it produced, and dead-lettered webhook deliveries",
+                    "parameters": [
+                        {"name": "mailgate_id", "in": "path", "required": True, "schema": string}
+                    ],
+                    "responses": {"200": _json(_ref("Timeline")), **_ERRORS},
+                }
+            },
             "/v1/campaigns/{campaign_id}/stats": {
                 "get": {
-                    "summary": "Counts per status and per event, and rates",
+                    "summary": "Counts per status and per event (opens and clicks split into "
+                    "human, machine and unknown audiences), and rates",
                     "parameters": [
                         {"name": "campaign_id", "in": "path", "required": True, "schema": string}
                     ],
-                    "responses": {"200": _json({"type": "object"}), **_ERRORS},
+                    "responses": {"200": _json(_ref("CampaignStats")), **_ERRORS},
+                }
+            },
+            "/v1/dead-letters": {
+                "get": {
+                    "summary": "Webhook deliveries ams-reporter gave up on, newest first",
+                    "parameters": [
+                        *(
+                            {"name": n, "in": "query", "schema": string}
+                            for n in ("account_id", "endpoint_id", "mailgate_id")
+                        ),
+                        {
+                            "name": "state",
+                            "in": "query",
+                            "schema": {"enum": ["all", "pending", "replayed"], "default": "all"},
+                        },
+                        *_PAGING,
+                    ],
+                    "responses": {"200": _json(_page("DeadLetter")), **_ERRORS},
+                }
+            },
+            "/v1/dead-letters/replay": {
+                "post": {
+                    "summary": "Replay the dead letters of an account or an endpoint (those "
+                    "not replayed yet, oldest first, up to limit)",
+                    "requestBody": _body(_ref("ReplayFilter")),
+                    "responses": {
+                        "202": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "replayed": {"type": "integer"},
+                                    "items": {"type": "array", "items": _ref("DeadLetter")},
+                                },
+                            },
+                            "Republished",
+                        ),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/v1/dead-letters/{dead_letter_id}": {
+                "parameters": [
+                    {"name": "dead_letter_id", "in": "path", "required": True, "schema": string}
+                ],
+                "get": {
+                    "summary": "One dead letter with the status event it carries",
+                    "responses": {"200": _json(_ref("DeadLetter")), **_ERRORS},
+                },
+            },
+            "/v1/dead-letters/{dead_letter_id}/replay": {
+                "parameters": [
+                    {"name": "dead_letter_id", "in": "path", "required": True, "schema": string}
+                ],
+                "post": {
+                    "summary": "Republish the status event to STATUS for this endpoint only "
+                    "(same webhook-id, a fresh retry window)",
+                    "responses": {"202": _json(_ref("DeadLetter"), "Republished"), **_ERRORS},
+                },
+            },
+            "/v1/health": {
+                "get": {
+                    "summary": "Readiness, backlogs (outbox, dead letters, consumers, KV) and "
+                    "partitions; 503 when a readiness check fails",
+                    "responses": {
+                        "200": _json(_ref("Health")),
+                        "503": _json(_ref("Health"), "Degraded"),
+                        "401": _PROBLEM,
+                    },
                 }
             },
             "/v1/email/webhook": {
@@ -348,6 +472,14 @@ def openapi_document() -> dict[str, Any]:
                         },
                     },
                 },
+                "SuppressionImport": {
+                    "type": "object",
+                    "properties": {
+                        "imported": {"type": "integer"},
+                        "added": {"type": "integer"},
+                        "kv": {"enum": ["syncing", "unchanged"]},
+                    },
+                },
                 "Suppression": {
                     "type": "object",
                     "properties": {
@@ -397,6 +529,120 @@ def openapi_document() -> dict[str, Any]:
                         "data": {"type": "object"},
                     },
                 },
+                "Timeline": {
+                    "type": "object",
+                    "properties": {
+                        "mailgate_id": string,
+                        "external_id": nullable_string,
+                        "campaign_id": nullable_string,
+                        "recipient": string,
+                        "status": {"enum": list(STATUS_RANK)},
+                        "timeline": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "at": {"type": "string", "format": "date-time"},
+                                    "name": string,
+                                    "source": string,
+                                    "event_id": string,
+                                    "recorded_at": {"type": "string", "format": "date-time"},
+                                    "status_event": {
+                                        "type": "object",
+                                        "properties": {
+                                            "name": {"enum": list(STATUS_NAMES)},
+                                            "id": string,
+                                            "emitted": {"type": "boolean"},
+                                            "data": {"type": "object"},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                        "dead_letters": {"type": "array", "items": _ref("DeadLetter")},
+                    },
+                },
+                "Counts": {
+                    "type": "object",
+                    "properties": {"total": {"type": "integer"}, "unique": {"type": "integer"}},
+                },
+                "CampaignStats": {
+                    "type": "object",
+                    "properties": {
+                        "campaign_id": string,
+                        "messages": {"type": "integer"},
+                        "statuses": {
+                            "type": "object",
+                            "additionalProperties": {"type": "integer"},
+                        },
+                        "events": {
+                            "type": "object",
+                            "description": "Per customer event; opened and clicked also have "
+                            "by_audience (human, machine, unknown) and unique_non_machine",
+                            "additionalProperties": {
+                                "allOf": [
+                                    _ref("Counts"),
+                                    {
+                                        "type": "object",
+                                        "properties": {
+                                            "by_audience": {
+                                                "type": "object",
+                                                "additionalProperties": _ref("Counts"),
+                                            },
+                                            "unique_non_machine": {"type": "integer"},
+                                        },
+                                    },
+                                ]
+                            },
+                        },
+                        "rates": {
+                            "type": "object",
+                            "additionalProperties": {"type": ["number", "null"]},
+                        },
+                    },
+                },
+                "DeadLetter": {
+                    "type": "object",
+                    "properties": {
+                        "id": string,
+                        "status_event": {"enum": list(STATUS_NAMES)},
+                        "status_event_id": string,
+                        "mailgate_id": nullable_string,
+                        "account_id": string,
+                        "endpoint_id": string,
+                        "url": string,
+                        "attempts": {"type": "integer"},
+                        "reason": string,
+                        "http_status": {"type": ["integer", "null"]},
+                        "created_at": {"type": "string", "format": "date-time"},
+                        "replay_count": {"type": "integer"},
+                        "replayed_at": {"type": ["string", "null"], "format": "date-time"},
+                        "event": {"type": "object", "description": "GET by id only"},
+                    },
+                },
+                "ReplayFilter": {
+                    "type": "object",
+                    "properties": {
+                        "account_id": string,
+                        "endpoint_id": string,
+                        "include_replayed": {"type": "boolean", "default": False},
+                        "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                    },
+                },
+                "Health": {
+                    "type": "object",
+                    "properties": {
+                        "status": {"enum": ["ok", "degraded"]},
+                        "failing": {"type": "array", "items": string},
+                        "outbox_pending": {"type": "integer"},
+                        "dead_letters_pending": {"type": "integer"},
+                        "messages_outside_partitions": {"type": "integer"},
+                        "events_outside_partitions": {"type": "integer"},
+                        "kv_bulk_writes_running": {"type": "integer"},
+                        "partitions": {"type": "object"},
+                        "consumers": {"type": "object"},
+                    },
+                },
                 "WebhookIn": {
                     "type": "object",
                     "required": ["url"],
@@ -431,3 +677,21 @@ def openapi_document() -> dict[str, Any]:
             },
         },
     }
+
+
+def render() -> str:
+    """The document as the checked-in ``docs/openapi.json`` holds it."""
+    return json.dumps(openapi_document(), indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m mailgate_ledger.openapi OUTPUT.json", file=sys.stderr)
+        return 2
+    Path(args[0]).write_text(render(), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

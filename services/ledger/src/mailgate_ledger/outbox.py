@@ -1,9 +1,10 @@
 """Transactional outbox: status events are committed with their facts, then published.
 
-The batch handler publishes the rows it just committed; ``run`` republishes rows a crash
-(or a NATS outage) left unpublished. ``Nats-Msg-Id`` is the status event id, so JetStream
-drops a second publish within its duplicate window and receivers de-duplicate on
-``webhook-id`` beyond it.
+The batch handler hands the rows it just committed to ``submit`` (published in the
+background, at most ``max_inflight`` batches at once, so a slow NATS slows intake instead of
+growing memory); ``run`` republishes rows a crash (or a NATS outage) left unpublished.
+``Nats-Msg-Id`` is the status event id, so JetStream drops a second publish within its
+duplicate window and receivers de-duplicate on ``webhook-id`` beyond it.
 """
 
 from __future__ import annotations
@@ -43,12 +44,15 @@ class Outbox:
         *,
         interval_s: float = 1.0,
         grace_s: float = 5.0,
+        max_inflight: int = 8,
     ) -> None:
         self._pool = pool
         self._js = js
         self._metrics = metrics
         self._interval_s = interval_s
         self._grace_s = grace_s
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._inflight: set[asyncio.Task[None]] = set()
 
     async def _publish_one(self, row: OutboxRow) -> bool:
         try:
@@ -85,6 +89,29 @@ class Outbox:
             )
         except Exception as exc:  # republished later; JetStream de-duplicates
             log.warning("outbox mark failed", error=str(exc), count=len(done))
+
+    async def submit(self, rows: Sequence[OutboxRow]) -> None:
+        """Publish committed rows in the background; waits while too many batches are out."""
+        if not rows:
+            return
+        await self._slots.acquire()
+
+        async def publish() -> None:
+            try:
+                await self.publish_committed(rows)
+            except Exception as exc:  # the background loop republishes them
+                log.warning("outbox publish failed", error=repr(exc), count=len(rows))
+            finally:
+                self._slots.release()
+
+        task = asyncio.create_task(publish(), name="ledger:outbox-publish")
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait for the background publishes in flight (on shutdown)."""
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=timeout_s)
 
     async def flush_pending(self, limit: int = 500) -> int:
         """Publish rows older than the grace period still unpublished; return how many."""

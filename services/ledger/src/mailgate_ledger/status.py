@@ -5,18 +5,22 @@ for the message history (``name``), which customer event it produces (``status``
 design.md's vocabulary, or ``None``), the event's ``data`` and whether the recipient is
 suppressed for the account from now on.
 
-Decisions (documented here because Postal's events do not map one to one):
+Postal's delivery events go through ``bounces.classify_bounce`` (``docs/bounces.md``):
 
-* ``postal.MessageDeliveryFailed`` is Postal's HardFail. When the remote server's output
-  carries a 5xx SMTP reply it is ``hard_bounced`` (and the address is suppressed); otherwise
-  (too many soft fails, a spam verdict without a 5xx, a connection failure) it is ``failed``
-  with ``data.reason = "delivery_failed"``: we could not deliver, but the address is not
-  known to be bad.
+* ``postal.MessageSent`` is ``delivered``.
+* ``postal.MessageDelayed`` (Postal's SoftFail: it will retry) is ``soft_bounced``.
+* ``postal.MessageDeliveryFailed`` (Postal's HardFail: no more retries) is ``hard_bounced``
+  when the reply says the address is bad (the address is suppressed), ``soft_bounced`` when
+  the remote server refused this message or sender (spam, policy, authentication: the
+  address is fine), and otherwise ``failed`` with ``data.reason = "delivery_failed"``
+  (temporary failures until Postal gave up, connection failures, Postal's own spam check).
 * ``postal.MessageBounced`` (an asynchronous bounce matched to a sent message) is
-  ``hard_bounced``.
+  ``hard_bounced``: Postal's payload carries no diagnostic to say otherwise.
 * ``postal.MessageHeld`` is ``failed`` with ``data.reason = "held"``.
 * ``postal.MessageLoaded`` / ``MessageLinkClicked`` are recorded only: mailgate's tracker
   produces ``opened`` / ``clicked``; emitting Postal's too would count them twice.
+* ``mail.webhook_dead_lettered`` (ams-reporter gave up on an endpoint) is history only; the
+  ledger also keeps it as a replayable dead letter.
 
 A message's status only moves forward by ``STATUS_RANK`` (facts arrive out of order: a
 ``delivered`` webhook may be consumed before ``mail.submitted``), while every fact still
@@ -25,7 +29,6 @@ produces its own customer event.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +43,12 @@ from mailgate_core.schemas import (
     TrackClick,
     TrackOpen,
     TrackUnsubscribe,
+    WebhookDeadLettered,
 )
+
+from .bounces import Bounce, classify_bounce, enhanced_code, smtp_code
+
+__all__ = ["enhanced_code", "smtp_code"]
 
 #: The status a message row has before any customer event applies.
 INITIAL_STATUS = "accepted"
@@ -66,9 +74,6 @@ STATUS_RANK: dict[str, int] = {
 #: Customer events after which the recipient is suppressed for the account.
 SUPPRESSING_STATUSES = frozenset({"hard_bounced", "complained", "unsubscribed"})
 
-_SMTP_CODE = re.compile(r"(?<!\d)([245]\d\d)(?!\d)")
-_ENHANCED_CODE = re.compile(r"(?<![\d.])([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
-
 
 @dataclass(frozen=True)
 class Fact:
@@ -93,31 +98,17 @@ def rank(status: str) -> int:
     return STATUS_RANK.get(status, 0)
 
 
-def smtp_code(text: str | None) -> str | None:
-    """The first SMTP reply code (``550``) in a remote server's output, if any."""
-    if not text:
-        return None
-    match = _SMTP_CODE.search(text)
-    return match.group(1) if match else None
-
-
-def enhanced_code(text: str | None) -> str | None:
-    """The first enhanced status code (``5.1.1``) in a remote server's output, if any."""
-    if not text:
-        return None
-    match = _ENHANCED_CODE.search(text)
-    return match.group(1) if match else None
-
-
 def _compact(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None and v != ""}
 
 
-def _delivery_data(event: PostalEvent) -> dict[str, Any]:
+def _delivery_data(event: PostalEvent, bounce: Bounce | None = None) -> dict[str, Any]:
     return _compact(
         {
-            "code": smtp_code(event.output),
-            "enhanced_code": enhanced_code(event.output),
+            "code": bounce.code if bounce else smtp_code(event.output),
+            "enhanced_code": bounce.enhanced_code if bounce else enhanced_code(event.output),
+            "bounce_class": bounce.bounce_class if bounce else None,
+            "bounce_category": bounce.category if bounce else None,
             "diagnostic": event.output,
             "details": event.details,
             "postal_status": event.status,
@@ -145,30 +136,35 @@ def classify(event: Event) -> Fact:
         return Fact("failed", "failed", ts, data, event.message.mailgate_id)
     if isinstance(event, PostalEvent):
         return _classify_postal(event)
-    if isinstance(event, TrackOpen):
+    if isinstance(event, TrackOpen | TrackClick):
         data = _compact(
             {
+                "url": event.url if isinstance(event, TrackClick) else None,
                 "user_agent": event.user_agent,
                 "ip": event.ip,
                 "audience": event.audience,
+                "audience_reason": getattr(event, "audience_reason", None),
                 "automated": _automated(event.audience),
             }
         )
-        return Fact("opened", "opened", ts, data, event.mailgate_id)
-    if isinstance(event, TrackClick):
-        data = _compact(
-            {
-                "url": event.url,
-                "user_agent": event.user_agent,
-                "ip": event.ip,
-                "audience": event.audience,
-                "automated": _automated(event.audience),
-            }
-        )
-        return Fact("clicked", "clicked", ts, data, event.mailgate_id)
+        name = "clicked" if isinstance(event, TrackClick) else "opened"
+        return Fact(name, name, ts, data, event.mailgate_id)
     if isinstance(event, TrackUnsubscribe):
         data = _compact({"one_click": event.one_click, "user_agent": event.user_agent})
         return Fact("unsubscribed", "unsubscribed", ts, data, event.mailgate_id)
+    if isinstance(event, WebhookDeadLettered):
+        data = _compact(
+            {
+                "endpoint_id": event.endpoint_id,
+                "url": event.url,
+                "status_event": event.status.name,
+                "status_event_id": event.status.event_id,
+                "attempts": event.attempts,
+                "reason": event.reason,
+                "http_status": event.http_status,
+            }
+        )
+        return Fact("webhook_dead_lettered", None, ts, data, event.status.message.mailgate_id)
     return Fact(event.subject(), None, ts)  # stats.*: history only
 
 
@@ -179,18 +175,23 @@ def _classify_postal(event: PostalEvent) -> Fact:
     if name == "MessageSent":
         return Fact("delivered", "delivered", ts, _delivery_data(event), **ids)
     if name == "MessageDelayed":
-        return Fact("soft_bounced", "soft_bounced", ts, _delivery_data(event), **ids)
+        bounce = classify_bounce(event.output, event.details)
+        return Fact("soft_bounced", "soft_bounced", ts, _delivery_data(event, bounce), **ids)
     if name == "MessageDeliveryFailed":
-        data = _delivery_data(event)
-        code = data.get("code")
-        if code is not None and code.startswith("5"):
+        bounce = classify_bounce(event.output, event.details)
+        data = _delivery_data(event, bounce)
+        if bounce.bounce_class == "hard":
             return Fact("hard_bounced", "hard_bounced", ts, data, **ids)
+        if bounce.bounce_class == "block":
+            return Fact("soft_bounced", "soft_bounced", ts, data, **ids)
         return Fact("failed", "failed", ts, {"reason": "delivery_failed", **data}, **ids)
     if name == "MessageBounced":
         bounce = event.payload.get("bounce") if isinstance(event.payload, dict) else None
         data = _compact(
             {
                 "reason": "bounce",
+                "bounce_class": "hard",
+                "bounce_category": "async_bounce",
                 "bounce_from": bounce.get("from") if isinstance(bounce, dict) else None,
                 "bounce_subject": bounce.get("subject") if isinstance(bounce, dict) else None,
                 "details": event.details,

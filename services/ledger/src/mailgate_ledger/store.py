@@ -123,6 +123,24 @@ async def list_credentials(conn: asyncpg.Connection, account_id: str) -> list[Ro
     )
 
 
+async def get_credential(conn: asyncpg.Connection, account_id: str, username: str) -> Row | None:
+    return await conn.fetchrow(  # type: ignore[no-any-return]
+        "SELECT * FROM credentials WHERE account_id = $1 AND username = $2", account_id, username
+    )
+
+
+async def set_credential_password(
+    conn: asyncpg.Connection, account_id: str, username: str, password_hash: str
+) -> Row | None:
+    return await conn.fetchrow(  # type: ignore[no-any-return]
+        """UPDATE credentials SET password_hash = $3 WHERE account_id = $1 AND username = $2
+           RETURNING *""",
+        account_id,
+        username,
+        password_hash,
+    )
+
+
 async def set_credential_disabled(
     conn: asyncpg.Connection, account_id: str, username: str, disabled: bool
 ) -> Row | None:
@@ -142,44 +160,69 @@ async def get_message(conn: asyncpg.Connection, mailgate_id: str) -> Row | None:
     return await conn.fetchrow("SELECT * FROM messages WHERE mailgate_id = $1", mailgate_id)  # type: ignore[no-any-return]
 
 
-async def message_events(conn: asyncpg.Connection, mailgate_id: str) -> list[Row]:
+async def message_events(
+    conn: asyncpg.Connection, mailgate_id: str, *, recorded_since: dt.datetime | None = None
+) -> list[Row]:
+    """The message's facts in the order they happened. ``recorded_since`` (the message's
+    ULID time less a margin) lets Postgres skip the older monthly partitions."""
     return await conn.fetch(  # type: ignore[no-any-return]
         """SELECT event_id, subject, name, status_name, status_pending, occurred_at, recorded_at,
-                  data
-           FROM events WHERE mailgate_id = $1 ORDER BY occurred_at, recorded_at, event_id""",
+                  data, status_data
+           FROM events
+           WHERE mailgate_id = $1 AND ($2::timestamptz IS NULL OR recorded_at >= $2)
+           ORDER BY occurred_at, recorded_at, event_id""",
         mailgate_id,
+        recorded_since,
     )
 
 
 async def find_messages(
     conn: asyncpg.Connection,
     *,
-    external_id: str | None,
-    email: str | None,
-    campaign_id: str | None,
-    postal_id: int | None,
-    account_id: str | None,
-    status: str | None,
+    any_id: str | None = None,
+    any_postal_id: int | None = None,
+    external_id: str | None = None,
+    email: str | None = None,
+    campaign_id: str | None = None,
+    postal_id: int | None = None,
+    account_id: str | None = None,
+    status: str | None = None,
+    min_id: str | None = None,
+    max_id: str | None = None,
     limit: int,
-    cursor: str | None,
+    cursor: str | None = None,
 ) -> list[Row]:
-    """Newest first (mailgate ids are ULIDs, so they sort by time); ``cursor`` = last id."""
+    """Newest first (mailgate ids are ULIDs, so they sort by time); ``cursor`` = last id.
+
+    ``min_id``/``max_id`` are a time range turned into ULID bounds: Postgres then reads only
+    the monthly partitions in range. Postgres plans these ``($n IS NULL OR ...)`` filters
+    with the actual values (a generic plan of them would scan every partition and cost far
+    more, so the plan cache keeps custom plans): each filter given uses its index.
+    """
     return await conn.fetch(  # type: ignore[no-any-return]
         """SELECT * FROM messages
-           WHERE ($1::text IS NULL OR external_id = $1)
-             AND ($2::text IS NULL OR lower(recipient) = lower($2))
-             AND ($3::text IS NULL OR campaign_id = $3)
-             AND ($4::bigint IS NULL OR postal_id = $4)
-             AND ($5::text IS NULL OR account_id = $5)
-             AND ($6::text IS NULL OR status = $6)
-             AND ($7::text IS NULL OR mailgate_id < $7)
-           ORDER BY mailgate_id DESC LIMIT $8""",
+           WHERE ($1::text IS NULL OR mailgate_id = $1 OR external_id = $1
+                  OR postal_token = $1 OR postal_id = $2)
+             AND ($3::text IS NULL OR external_id = $3)
+             AND ($4::text IS NULL OR lower(recipient) = lower($4))
+             AND ($5::text IS NULL OR campaign_id = $5)
+             AND ($6::bigint IS NULL OR postal_id = $6)
+             AND ($7::text IS NULL OR account_id = $7)
+             AND ($8::text IS NULL OR status = $8)
+             AND ($9::text IS NULL OR mailgate_id >= $9)
+             AND ($10::text IS NULL OR mailgate_id < $10)
+             AND ($11::text IS NULL OR mailgate_id < $11)
+           ORDER BY mailgate_id DESC LIMIT $12""",
+        any_id,
+        any_postal_id,
         external_id,
         email,
         campaign_id,
         postal_id,
         account_id,
         status,
+        min_id,
+        max_id,
         cursor,
         limit,
     )
@@ -208,12 +251,33 @@ async def upsert_suppressions(
     return await conn.fetch(  # type: ignore[no-any-return]
         """INSERT INTO suppressions (account_id, email, reason)
            SELECT $1, e, r FROM unnest($2::text[], $3::text[]) AS t(e, r)
-           ON CONFLICT (account_id, email) DO UPDATE SET reason = EXCLUDED.reason
+           ON CONFLICT (account_id, email) DO UPDATE SET reason = EXCLUDED.reason,
+                                                         updated_at = now()
            RETURNING account_id, email, reason, created_at, (xmax = 0) AS inserted""",
         account_id,
         [e for e, _ in entries],
         [r for _, r in entries],
     )
+
+
+async def import_suppressions(
+    conn: asyncpg.Connection, account_id: str, entries: Sequence[tuple[str, str]]
+) -> tuple[int, int]:
+    """Add or re-reason ``(email, reason)`` pairs (each email once); (written, new) counts."""
+    row = await conn.fetchrow(
+        """WITH up AS (
+               INSERT INTO suppressions (account_id, email, reason)
+               SELECT $1, e, r FROM unnest($2::text[], $3::text[]) AS t(e, r)
+               ON CONFLICT (account_id, email) DO UPDATE SET reason = EXCLUDED.reason,
+                                                             updated_at = now()
+               RETURNING (xmax = 0) AS inserted)
+           SELECT count(*) AS written, count(*) FILTER (WHERE inserted) AS added FROM up""",
+        account_id,
+        [e for e, _ in entries],
+        [r for _, r in entries],
+    )
+    assert row is not None
+    return int(row["written"]), int(row["added"])
 
 
 async def delete_suppression(conn: asyncpg.Connection, account_id: str, email: str) -> bool:
@@ -283,48 +347,104 @@ async def campaign_statuses(conn: asyncpg.Connection, campaign_id: str) -> dict[
     return {r["status"]: int(r["n"]) for r in rows}
 
 
-async def campaign_events(conn: asyncpg.Connection, campaign_id: str) -> dict[str, tuple[int, int]]:
-    """Customer event name -> (events, distinct messages) for the campaign."""
+async def campaign_events(
+    conn: asyncpg.Connection, campaign_id: str
+) -> dict[tuple[str, str | None], tuple[int, int]]:
+    """(customer event, audience or None for all) -> (events, distinct messages).
+
+    Audience is ``human``, ``machine`` (prefetch/scanner: image proxies, link scanners) or
+    ``unknown``, as the tracker judged it (``status_data.audience``).
+    """
     rows = await conn.fetch(
-        """SELECT e.status_name AS name, count(*) AS total,
-                  count(DISTINCT e.mailgate_id) AS uniq
-           FROM events e JOIN messages m ON m.mailgate_id = e.mailgate_id
-           WHERE m.campaign_id = $1 AND e.status_name IS NOT NULL AND NOT e.status_pending
-           GROUP BY e.status_name""",
+        """SELECT name, audience, GROUPING(audience) AS all_audiences,
+                  count(*) AS total, count(DISTINCT mailgate_id) AS uniq
+           FROM (SELECT status_name AS name, mailgate_id,
+                        CASE WHEN status_data->>'audience' IN ('prefetch', 'scanner')
+                                  THEN 'machine'
+                             WHEN status_data->>'audience' = 'human' THEN 'human'
+                             ELSE 'unknown' END AS audience
+                 FROM events
+                 WHERE campaign_id = $1 AND status_name IS NOT NULL
+                   AND NOT status_pending) AS e
+           GROUP BY GROUPING SETS ((name), (name, audience))""",
         campaign_id,
     )
-    return {r["name"]: (int(r["total"]), int(r["uniq"])) for r in rows}
+    out: dict[tuple[str, str | None], tuple[int, int]] = {}
+    for r in rows:
+        audience = None if r["all_audiences"] else r["audience"]
+        out[(r["name"], audience)] = (int(r["total"]), int(r["uniq"]))
+    return out
 
 
-# --- retention ---------------------------------------------------------------------------
-
-
-async def prune(
-    pool: asyncpg.Pool, *, older_than: dt.datetime, chunk: int = 5000
+async def campaign_unique_non_machine(
+    conn: asyncpg.Connection, campaign_id: str, names: Sequence[str]
 ) -> dict[str, int]:
-    """Delete facts and messages older than ``older_than`` and outbox rows published a day ago.
+    """Per event name: distinct messages with at least one event not judged automated."""
+    rows = await conn.fetch(
+        """SELECT status_name AS name, count(DISTINCT mailgate_id) AS uniq
+           FROM events
+           WHERE campaign_id = $1 AND status_name = ANY($2::text[]) AND NOT status_pending
+             AND coalesce(status_data->>'audience', 'unknown') NOT IN ('prefetch', 'scanner')
+           GROUP BY status_name""",
+        campaign_id,
+        list(names),
+    )
+    return {r["name"]: int(r["uniq"]) for r in rows}
 
-    Small chunks keep each statement short, so ingestion never waits long on retention.
-    """
-    statements = {
-        "events": """DELETE FROM events WHERE event_id IN (
-                         SELECT event_id FROM events WHERE recorded_at < $1 LIMIT $2)""",
-        "messages": """DELETE FROM messages WHERE mailgate_id IN (
-                           SELECT mailgate_id FROM messages WHERE updated_at < $1 LIMIT $2)""",
-        "outbox": """DELETE FROM outbox WHERE id IN (
-                         SELECT id FROM outbox WHERE published_at < $1 LIMIT $2)""",
-    }
-    cutoffs = {
-        "events": older_than,
-        "messages": older_than,
-        "outbox": dt.datetime.now(dt.UTC) - dt.timedelta(days=1),
-    }
-    removed = dict.fromkeys(statements, 0)
-    for table, sql in statements.items():
-        while True:
-            status = await pool.execute(sql, cutoffs[table], chunk)
-            count = int(status.rsplit(" ", 1)[-1])
-            removed[table] += count
-            if count < chunk:
-                break
-    return removed
+
+# --- dead letters ------------------------------------------------------------------------
+
+
+async def list_dead_letters(
+    conn: asyncpg.Connection,
+    *,
+    account_id: str | None,
+    endpoint_id: str | None,
+    mailgate_id: str | None,
+    replayed: bool | None,
+    limit: int,
+    cursor: str | None,
+) -> list[Row]:
+    """Newest first; ``cursor`` = the last id of the previous page."""
+    return await conn.fetch(  # type: ignore[no-any-return]
+        """SELECT * FROM dead_letters
+           WHERE ($1::text IS NULL OR account_id = $1)
+             AND ($2::text IS NULL OR endpoint_id = $2)
+             AND ($3::text IS NULL OR mailgate_id = $3)
+             AND ($4::bool IS NULL OR (replay_count > 0) = $4)
+             AND ($5::text IS NULL OR id < $5)
+           ORDER BY id DESC LIMIT $6""",
+        account_id,
+        endpoint_id,
+        mailgate_id,
+        replayed,
+        cursor,
+        limit,
+    )
+
+
+async def get_dead_letter(conn: asyncpg.Connection, dead_letter_id: str) -> Row | None:
+    return await conn.fetchrow("SELECT * FROM dead_letters WHERE id = $1", dead_letter_id)  # type: ignore[no-any-return]
+
+
+async def mark_replayed(conn: asyncpg.Connection, dead_letter_id: str) -> Row | None:
+    return await conn.fetchrow(  # type: ignore[no-any-return]
+        """UPDATE dead_letters SET replay_count = replay_count + 1, replayed_at = now()
+           WHERE id = $1 RETURNING *""",
+        dead_letter_id,
+    )
+
+
+# --- health --------------------------------------------------------------------------------
+
+
+async def health_counts(conn: asyncpg.Connection) -> dict[str, int]:
+    row = await conn.fetchrow(
+        """SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS outbox_pending,
+                  (SELECT count(*) FROM dead_letters WHERE replay_count = 0)
+                      AS dead_letters_pending,
+                  (SELECT count(*) FROM messages_default) AS messages_outside_partitions,
+                  (SELECT count(*) FROM events_default) AS events_outside_partitions"""
+    )
+    assert row is not None
+    return {k: int(v) for k, v in row.items()}

@@ -1,0 +1,288 @@
+"""The ledger: facts committed per second from a pre-filled stream, and message lookups.
+
+1. Ingest: the MAIL, POSTAL and TRACK streams are filled first with a realistic mix for N
+   messages (``mail.accepted``, ``mail.submitted``, ``postal.MessageSent``, ``track.open``),
+   then a ledger is started in this process and the clock runs until every fact is committed
+   (``events`` row count). Run with the normal batch size and with batches of one (one
+   transaction and one set of round trips per fact), which is what batching saves.
+2. Lookups: ``messages`` is filled with COPY (1M rows in the full run, spread over four
+   months of ULIDs, so over several partitions), then the admin API answers lookups by
+   mailgate id, by AMS external id and by recipient address; p50/p99 per kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import nats
+from mailgate_core import schemas as s
+from mailgate_core.config import Secret
+from mailgate_core.ids import new_ulid
+from mailgate_core.nats import provision
+from mailgate_fakes.infra import NatsServer, free_port
+from mailgate_ledger.app import Settings, build
+from prometheus_client import CollectorRegistry
+
+from common import Options, Row, percentile
+
+ADMIN_TOKEN = secrets.token_urlsafe(24)
+ACCOUNT = "01HBENCHACCOUNT00000000000"
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def _ulid_at(ms: int, rng: random.Random) -> str:
+    head = "".join(_CROCKFORD[(ms >> (45 - 5 * i)) & 31] for i in range(10))
+    return head + "".join(rng.choice(_CROCKFORD) for _ in range(16))
+
+
+def _facts(count: int) -> list[s.Event]:
+    """Four facts per message, in the order the services publish them."""
+    out: list[s.Event] = []
+    raw = b"Subject: bench\r\n\r\n" + b"x" * 1024
+    for i in range(count):
+        mid = new_ulid()
+        ref = s.MessageRef(
+            mailgate_id=mid,
+            account_id=ACCOUNT,
+            recipient=f"user{i}@example.org",
+            external_id=f"ams-{i}",
+            campaign_id=str(i % 20),
+        )
+        out.append(
+            s.MailAccepted(
+                message=ref,
+                mail_from="news@example.com",
+                credential="bench",
+                message_id_header=f"<{mid}@bench.test>",
+                subject_line="Weekly news",
+                size=len(raw),
+                raw=raw,
+            )
+        )
+        out.append(s.MailSubmitted(message=ref, postal_id=100_000 + i, postal_token=f"tok{i:013d}"))
+        out.append(
+            s.PostalEvent(
+                event="MessageSent",
+                postal_timestamp=time.time(),
+                mailgate_id=mid,
+                postal_id=100_000 + i,
+                status="Sent",
+                output="250 2.0.0 OK 1714400000 a1b2c3 - gsmtp",
+                details="Message for user accepted by mx.example.org",
+                recipient=ref.recipient,
+                payload={"status": "Sent", "message": {"id": 100_000 + i}},
+            )
+        )
+        out.append(
+            s.TrackOpen(
+                mailgate_id=mid,
+                user_agent="Mozilla/5.0 (Windows NT 10.0; Win64; x64)",
+                ip="203.0.113.9",
+                audience="human",
+            )
+        )
+    return out
+
+
+async def _prefill(url: str, facts: list[s.Event]) -> None:
+    nc = await nats.connect(url)
+    js = nc.jetstream(timeout=10)
+    await provision(js)
+    queue: asyncio.Queue[s.Event] = asyncio.Queue()
+    for fact in facts:
+        queue.put_nowait(fact)
+
+    async def publisher() -> None:
+        while not queue.empty():
+            fact = queue.get_nowait()
+            await js.publish(fact.subject(), s.encode(fact), headers={"Nats-Msg-Id": fact.event_id})
+
+    await asyncio.gather(*(publisher() for _ in range(32)))
+    await nc.close()
+
+
+def _settings(nats_url: str, database_url: str, **extra: Any) -> Settings:
+    values: dict[str, Any] = {
+        "nats_url": nats_url,
+        "database_url": Secret(database_url),
+        "admin_token": Secret(ADMIN_TOKEN),
+        "admin_host": "127.0.0.1",
+        "admin_port": free_port(),
+        "log_level": "warning",
+        "retention_days": 365,
+    }
+    values.update(extra)
+    return Settings(**values)
+
+
+async def _create_database(root_url: str, name: str) -> str:
+    conn = await asyncpg.connect(root_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    head, sep, tail = root_url.partition("?")
+    return f"{head.rsplit('/', 1)[0]}/{name}{sep}{tail}"
+
+
+async def _ingest_run(tmp: Path, pg_url: str, messages: int, batch: int, label: str) -> Row:
+    facts = _facts(messages)
+    server = NatsServer(tmp / f"nats-{label}").start()
+    database_url = await _create_database(pg_url, f"bench_{label}")
+    try:
+        await _prefill(server.url, facts)
+        ledger = await build(
+            _settings(server.url, database_url, batch_size=batch), registry=CollectorRegistry()
+        )
+        conn = await asyncpg.connect(database_url)
+        try:
+            cpu0 = time.process_time()
+            t0 = time.perf_counter()
+            await ledger.start()
+            deadline = time.monotonic() + 600
+            while await conn.fetchval("SELECT count(*) FROM events") < len(facts):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the ledger did not commit every fact in time")
+                await asyncio.sleep(0.02)
+            elapsed = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0
+            delivered = await conn.fetchval("SELECT count(*) FROM messages WHERE status = 'opened'")
+        finally:
+            await conn.close()
+            await ledger.stop()
+    finally:
+        server.stop()
+    assert delivered == messages, f"{delivered} of {messages} messages reached 'opened'"
+    return Row(
+        benchmark=f"ledger ingest, mixed facts, batch {batch}",
+        rate_per_s=len(facts) / elapsed,
+        cpu_s_per_1k=cpu / len(facts) * 1000,
+        note=f"{len(facts)} facts; ledger in-process CPU",
+    )
+
+
+def _message_rows(count: int, rng: random.Random) -> list[tuple[Any, ...]]:
+    import datetime as dt
+
+    now_ms = int(time.time() * 1000)
+    span_ms = 100 * 86_400_000  # about four months: several partitions
+    rows = []
+    statuses = ("sent", "delivered", "opened", "soft_bounced", "hard_bounced")
+    for i in range(count):
+        ms = now_ms - int(span_ms * i / count)
+        rows.append(
+            (
+                _ulid_at(ms, rng),
+                f"ams-{i}",
+                str(i % 500),
+                1_000_000 + i,
+                f"tok{i:013d}",
+                ACCOUNT,
+                f"user{i}@example.org",
+                "news@example.com",
+                "Weekly news",
+                2048,
+                statuses[i % len(statuses)],
+                dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC),
+                dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC),
+            )
+        )
+    return rows
+
+
+async def _lookup_run(tmp: Path, pg_url: str, count: int, samples: int) -> list[Row]:
+    rng = random.Random(7)
+    server = NatsServer(tmp / "nats-lookup").start()
+    database_url = await _create_database(pg_url, "bench_lookup")
+    rows: list[Row] = []
+    try:
+        ledger = await build(_settings(server.url, database_url), registry=CollectorRegistry())
+        data = _message_rows(count, rng)
+        if ledger.partitions is not None:  # COPY bypasses ingestion: make the months first
+            await ledger.partitions.ensure_for(row[0] for row in data[:: max(1, count // 200)])
+        conn = await asyncpg.connect(database_url)
+        try:
+            t0 = time.perf_counter()
+            columns = [
+                "mailgate_id",
+                "external_id",
+                "campaign_id",
+                "postal_id",
+                "postal_token",
+                "account_id",
+                "recipient",
+                "sender",
+                "subject",
+                "size",
+                "status",
+                "accepted_at",
+                "updated_at",
+            ]
+            await conn.copy_records_to_table("messages", records=data, columns=columns)
+            await conn.execute("ANALYZE messages")
+            fill_s = time.perf_counter() - t0
+        finally:
+            await conn.close()
+        await ledger.start()
+        base = f"http://127.0.0.1:{ledger.settings.admin_port}"
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        picks = [rng.randrange(count) for _ in range(samples)]
+        kinds = {
+            "mailgate id": lambda i: f"/v1/messages/{data[i][0]}",
+            "external id": lambda i: f"/v1/messages?external_id=ams-{i}",
+            "email": lambda i: f"/v1/messages?email=user{i}@example.org",
+        }
+        async with aiohttp.ClientSession(headers=headers) as http:
+            for kind, path in kinds.items():
+                latencies: list[float] = []
+                for i in picks:
+                    t0 = time.perf_counter()
+                    async with http.get(base + path(i)) as resp:
+                        body = await resp.json()
+                    latencies.append(time.perf_counter() - t0)
+                    assert resp.status == 200, body
+                    found = body if "mailgate_id" in body else body["items"][0]
+                    assert found["mailgate_id"] == data[i][0]
+                latencies.sort()
+                rows.append(
+                    Row(
+                        benchmark=f"ledger lookup by {kind}, {count:,} messages",
+                        rate_per_s=len(latencies) / sum(latencies),
+                        p50_ms=percentile(latencies, 0.5) * 1000,
+                        p99_ms=percentile(latencies, 0.99) * 1000,
+                        note=f"admin API, sequential; COPY fill {fill_s:.0f}s",
+                    )
+                )
+        await ledger.stop()
+    finally:
+        server.stop()
+    return rows
+
+
+async def run(opts: Options) -> list[Row]:
+    import pgserver
+
+    messages = 250 if opts.quick else int(os.environ.get("BENCH_LEDGER_MESSAGES", "5000"))
+    lookup_rows = 20_000 if opts.quick else int(os.environ.get("BENCH_LEDGER_ROWS", "1000000"))
+    samples = 100 if opts.quick else 1000
+    with tempfile.TemporaryDirectory(dir=opts.tmp) as tmp_name:
+        tmp = Path(tmp_name)
+        pg = pgserver.get_server(str(tmp / "pg"), cleanup_mode="stop")
+        try:
+            pg_url = str(pg.get_uri())
+            rows = [await _ingest_run(tmp, pg_url, messages, 256, "batched")]
+            single = max(50, messages // 10)
+            rows.append(await _ingest_run(tmp, pg_url, single, 1, "single"))
+            rows.extend(await _lookup_run(tmp, pg_url, lookup_rows, samples))
+        finally:
+            pg.cleanup()
+    return rows
