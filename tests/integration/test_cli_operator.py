@@ -173,14 +173,15 @@ async def test_messages_campaigns_dead_letters_and_health(start_ledger, js) -> N
     await publish_event(js, s.MailSubmitted(message=ref, postal_id=77, postal_token="tok"))
     await publish_event(js, s.TrackOpen(mailgate_id=mid, audience="human"))
 
-    async def opened() -> Any:
-        found = await cli.ok("messages", "find", "--email", "IVAN@example.org")
-        return found if found["items"] and found["items"][0]["status"] == "opened" else None
+    async def all_recorded() -> Any:
+        # MAIL and TRACK are consumed independently: wait for every fact, not just the status.
+        detail = await cli.ok("messages", "get", mid)
+        return detail if len(detail["events"]) == 3 else None
 
-    found = await eventually(opened, what="the message opened")
-    assert [m["mailgate_id"] for m in found["items"]] == [mid]
+    detail = await eventually(all_recorded, what="three facts recorded")
+    found = await cli.ok("messages", "find", "--email", "IVAN@example.org")
+    assert [(m["mailgate_id"], m["status"]) for m in found["items"]] == [(mid, "opened")]
     assert (await cli.ok("messages", "find", "--id", "ams-7"))["items"][0]["mailgate_id"] == mid
-    detail = await cli.ok("messages", "get", mid)
     assert [e["name"] for e in detail["events"]] == ["accepted", "sent", "opened"]
     timeline = await cli.ok("messages", "timeline", mid)
     assert timeline["timeline"][-1]["status_event"]["data"]["audience"] == "human"
