@@ -546,6 +546,7 @@ def make_admin_app(context: AdminContext) -> web.Application:
     r.add_post("/v1/dead-letters/replay", replay_dead_letters)
     r.add_get("/v1/dead-letters/{dead_letter_id}", get_dead_letter)
     r.add_post("/v1/dead-letters/{dead_letter_id}/replay", replay_dead_letter)
+    r.add_get("/v1/postmaster/daily", postmaster_daily)
     r.add_get("/v1/health", get_health)
     r.add_post("/v1/email/webhook", register_webhook)
     r.add_get("/v1/email/webhook", get_webhook)
@@ -1097,6 +1098,64 @@ async def campaign_stats(request: web.Request) -> web.Response:
         events = await store.campaign_events(conn, campaign_id)
         non_machine = await store.campaign_unique_non_machine(conn, campaign_id, ENGAGEMENT)
     return json_response(campaign_stats_view(campaign_id, statuses, events, non_machine))
+
+
+# --- postmaster ----------------------------------------------------------------------------
+
+
+def parse_date(raw: str, name: str) -> dt.date:
+    """A YYYY-MM-DD day; raises a 400 Problem."""
+    try:
+        return dt.date.fromisoformat(raw.strip())
+    except ValueError:
+        raise bad_request(f"{name} must be a date (YYYY-MM-DD)") from None
+
+
+def postmaster_day_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "domain": row["domain"],
+        "msgtype": row["msgtype"] or None,
+        "date": row["date"].isoformat(),
+        **{
+            k: int(row[k])
+            for k in (
+                "messages_sent",
+                "delivered",
+                "read",
+                "deleted_read",
+                "deleted_unread",
+                "spam",
+                "probably_spam",
+                "complaints",
+            )
+        },
+        "reputation": row["reputation"],
+        "trend": row["trend"],
+        "event_id": row["event_id"],
+        "polled_at": _iso(row["occurred_at"]),
+        "updated_at": _iso(row["updated_at"]),
+    }
+
+
+async def postmaster_daily(request: web.Request) -> web.Response:
+    """Mail.ru Postmaster statistics per day, as last polled by stats-poller."""
+    q = request.query
+    limit = _limit(request, default=100, maximum=1000)
+    date_from = parse_date(q["date_from"], "date_from") if q.get("date_from") else None
+    date_to = parse_date(q["date_to"], "date_to") if q.get("date_to") else None
+    if date_from is not None and date_to is not None and date_from > date_to:
+        raise bad_request("date_from must not be after date_to")
+    domain = q.get("domain", "").strip().lower() or None
+    async with _ctx(request).pool.acquire() as conn:
+        rows = await store.postmaster_daily(
+            conn,
+            domain=domain,
+            msgtype=q.get("msgtype") or None,
+            date_from=date_from,
+            date_to=date_to,
+            limit=limit,
+        )
+    return json_response({"items": [postmaster_day_view(r) for r in rows]})
 
 
 # --- dead letters ------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from mailgate_core.schemas import (
     MailSubmitted,
     MessageRef,
     PostalEvent,
+    PostmasterDaily,
     SchemaError,
     StatusEvent,
     TrackClick,
@@ -234,6 +235,33 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
 ON CONFLICT (event_id) DO NOTHING
 """
 
+# A revised day (new event id, newer poll) replaces the row; an older poll never does.
+SQL_UPSERT_POSTMASTER_DAILY = """
+INSERT INTO postmaster_daily (domain, msgtype, date, messages_sent, delivered, read,
+                              deleted_read, deleted_unread, spam, probably_spam, complaints,
+                              reputation, trend, event_id, occurred_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::date[], $4::bigint[], $5::bigint[],
+                     $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
+                     $11::bigint[], $12::float8[], $13::float8[], $14::text[],
+                     $15::timestamptz[])
+ON CONFLICT (domain, msgtype, date) DO UPDATE SET
+    messages_sent  = EXCLUDED.messages_sent,
+    delivered      = EXCLUDED.delivered,
+    read           = EXCLUDED.read,
+    deleted_read   = EXCLUDED.deleted_read,
+    deleted_unread = EXCLUDED.deleted_unread,
+    spam           = EXCLUDED.spam,
+    probably_spam  = EXCLUDED.probably_spam,
+    complaints     = EXCLUDED.complaints,
+    reputation     = EXCLUDED.reputation,
+    trend          = EXCLUDED.trend,
+    event_id       = EXCLUDED.event_id,
+    occurred_at    = EXCLUDED.occurred_at,
+    updated_at     = now()
+WHERE postmaster_daily.occurred_at <= EXCLUDED.occurred_at
+"""
+_POSTMASTER_COLUMNS = 15
+
 _MESSAGE_COLUMNS = 11
 _KEEP_FIRST = (1, 2, 5, 6, 7, 8, 9, 10)  # external_id, campaign_id, account... accepted_at
 _KEEP_LAST = (3, 4)  # postal_id, postal_token
@@ -255,6 +283,42 @@ def merge_message_rows(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]
             if row[i] is not None:
                 current[i] = row[i]
     return [tuple(values) for values in merged.values()]
+
+
+def postmaster_rows(events: Sequence[PostmasterDaily]) -> list[tuple[Any, ...]]:
+    """One row per (domain, msgtype, date): the newest poll of each day wins (an upsert may
+    not touch a row twice). A day that is not a YYYY-MM-DD date is left out (history only)."""
+    newest: dict[tuple[str, str, dt.date], PostmasterDaily] = {}
+    for event in events:
+        try:
+            day = dt.date.fromisoformat(event.date)
+        except (TypeError, ValueError):
+            log.warning("postmaster day not recorded: bad date", event_id=event.event_id)
+            continue
+        key = (event.domain.strip().lower(), event.msgtype or "", day)
+        current = newest.get(key)
+        if current is None or event.occurred_at >= current.occurred_at:
+            newest[key] = event
+    return [
+        (
+            domain,
+            msgtype,
+            day,
+            e.messages_sent,
+            e.delivered,
+            e.read,
+            e.deleted_read,
+            e.deleted_unread,
+            e.spam,
+            e.probably_spam,
+            e.complaints,
+            e.reputation,
+            e.trend,
+            e.event_id,
+            _ts(e.occurred_at),
+        )
+        for (domain, msgtype, day), e in newest.items()
+    ]
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
@@ -388,6 +452,7 @@ class Ingestor:
             touched = await self._apply_mail_facts(conn, new)
             touched.update(item.mailgate_id for item in new if item.mailgate_id)
             result.dead_letters = await self._insert_dead_letters(conn, new)
+            await self._upsert_postmaster(conn, new)
             await self._emit_pending(conn, sorted(touched), result)
         for item in new:
             self._metrics.events.labels(item.event.subject()).inc()
@@ -514,6 +579,11 @@ class Ingestor:
         if rows:
             await conn.execute(SQL_INSERT_DEAD_LETTERS, *_columns(rows, 12))
         return len(rows)
+
+    async def _upsert_postmaster(self, conn: asyncpg.Connection, items: list[Item]) -> None:
+        rows = postmaster_rows([i.event for i in items if isinstance(i.event, PostmasterDaily)])
+        if rows:
+            await conn.execute(SQL_UPSERT_POSTMASTER_DAILY, *_columns(rows, _POSTMASTER_COLUMNS))
 
     async def _emit_pending(
         self, conn: asyncpg.Connection, mailgate_ids: list[str], result: Committed

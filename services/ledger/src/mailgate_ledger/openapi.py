@@ -316,6 +316,46 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"202": _json(_ref("DeadLetter"), "Republished"), **_ERRORS},
                 },
             },
+            "/v1/postmaster/daily": {
+                "get": {
+                    "summary": "Mail.ru Postmaster statistics per domain, msgtype and day, as "
+                    "last polled (a revised day replaces the row), in date order",
+                    "parameters": [
+                        {"name": "domain", "in": "query", "schema": string},
+                        {
+                            "name": "msgtype",
+                            "in": "query",
+                            "description": "Omitted: every msgtype and the whole-domain rows",
+                            "schema": string,
+                        },
+                        *(
+                            {
+                                "name": n,
+                                "in": "query",
+                                "description": "Inclusive, YYYY-MM-DD",
+                                "schema": {"type": "string", "format": "date"},
+                            }
+                            for n in ("date_from", "date_to")
+                        ),
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "items": {"type": "array", "items": _ref("PostmasterDay")}
+                                },
+                            }
+                        ),
+                        **_ERRORS,
+                    },
+                }
+            },
             "/v1/health": {
                 "get": {
                     "summary": "Readiness, backlogs (outbox, dead letters, consumers, KV) and "
@@ -599,6 +639,32 @@ def openapi_document() -> dict[str, Any]:
                             "type": "object",
                             "additionalProperties": {"type": ["number", "null"]},
                         },
+                    },
+                },
+                "PostmasterDay": {
+                    "type": "object",
+                    "properties": {
+                        "domain": string,
+                        "msgtype": nullable_string,
+                        "date": {"type": "string", "format": "date"},
+                        **{
+                            n: {"type": "integer"}
+                            for n in (
+                                "messages_sent",
+                                "delivered",
+                                "read",
+                                "deleted_read",
+                                "deleted_unread",
+                                "spam",
+                                "probably_spam",
+                                "complaints",
+                            )
+                        },
+                        "reputation": {"type": ["number", "null"]},
+                        "trend": {"type": ["number", "null"]},
+                        "event_id": string,
+                        "polled_at": {"type": "string", "format": "date-time"},
+                        "updated_at": {"type": "string", "format": "date-time"},
                     },
                 },
                 "DeadLetter": {

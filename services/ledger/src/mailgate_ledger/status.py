@@ -17,6 +17,11 @@ Postal's delivery events go through ``bounces.classify_bounce`` (``docs/bounces.
 * ``postal.MessageBounced`` (an asynchronous bounce matched to a sent message) is
   ``hard_bounced``: Postal's payload carries no diagnostic to say otherwise.
 * ``postal.MessageHeld`` is ``failed`` with ``data.reason = "held"``.
+* ``postal.Complaint`` (webhook-ingest's reading of a feedback-loop ARF report; ``status`` is
+  the feedback type, e.g. ``abuse``) is ``complained`` with ``data.feedback_type``; the
+  address is suppressed with reason ``complained``.
+* ``postal.Unknown`` (an inbound message webhook-ingest did not recognise) is history only,
+  linked to no message (its Postal id is the inbound message's, not one we sent).
 * ``postal.MessageLoaded`` / ``MessageLinkClicked`` are recorded only: mailgate's tracker
   produces ``opened`` / ``clicked``; emitting Postal's too would count them twice.
 * ``mail.webhook_dead_lettered`` (ams-reporter gave up on an endpoint) is history only; the
@@ -150,7 +155,9 @@ def classify(event: Event) -> Fact:
         name = "clicked" if isinstance(event, TrackClick) else "opened"
         return Fact(name, name, ts, data, event.mailgate_id)
     if isinstance(event, TrackUnsubscribe):
-        data = _compact({"one_click": event.one_click, "user_agent": event.user_agent})
+        data = _compact(
+            {"one_click": event.one_click, "user_agent": event.user_agent, "ip": event.ip}
+        )
         return Fact("unsubscribed", "unsubscribed", ts, data, event.mailgate_id)
     if isinstance(event, WebhookDeadLettered):
         data = _compact(
@@ -198,6 +205,11 @@ def _classify_postal(event: PostalEvent) -> Fact:
             }
         )
         return Fact("hard_bounced", "hard_bounced", ts, data, **ids)
+    if name == "Complaint":
+        data = _compact({"feedback_type": event.status, "details": event.details})
+        return Fact("complained", "complained", ts, data, **ids)
+    if name == "Unknown":
+        return Fact("postal.Unknown", None, ts, {})
     if name == "MessageHeld":
         data = _compact({"reason": "held", "details": event.details, "postal_status": "Held"})
         return Fact("failed", "failed", ts, data, **ids)

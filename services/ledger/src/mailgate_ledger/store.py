@@ -448,3 +448,31 @@ async def health_counts(conn: asyncpg.Connection) -> dict[str, int]:
     )
     assert row is not None
     return {k: int(v) for k, v in row.items()}
+
+
+# --- postmaster ----------------------------------------------------------------------------
+
+
+async def postmaster_daily(
+    conn: asyncpg.Connection,
+    *,
+    domain: str | None,
+    msgtype: str | None,
+    date_from: dt.date | None,
+    date_to: dt.date | None,
+    limit: int,
+) -> list[Row]:
+    """Days in order (then domain, msgtype); ``msgtype`` '' is the whole-domain row."""
+    return await conn.fetch(  # type: ignore[no-any-return]
+        """SELECT * FROM postmaster_daily
+           WHERE ($1::text IS NULL OR domain = $1)
+             AND ($2::text IS NULL OR msgtype = $2)
+             AND ($3::date IS NULL OR date >= $3)
+             AND ($4::date IS NULL OR date <= $4)
+           ORDER BY date, domain, msgtype LIMIT $5""",
+        domain,
+        msgtype,
+        date_from,
+        date_to,
+        limit,
+    )
