@@ -15,6 +15,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
+from mailgate_core.netguard import is_forbidden_ip
 from mailgate_core.schemas import STATUS_NAMES
 
 #: The seed API's misspelling of ``complained``, accepted wherever an event name is read.
@@ -68,25 +69,6 @@ def parse_url(url: str) -> str:
     if port == 0:
         raise InvalidWebhookRequest("url has an invalid port")
     return host
-
-
-def is_forbidden_ip(address: str) -> bool:
-    """True for every address that is not a public unicast one."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return True
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-        or not ip.is_global
-    )
 
 
 async def system_resolver(host: str) -> list[str]:
