@@ -8,8 +8,8 @@ import json
 import pytest
 from mailgate_ams_reporter.delivery import DeliveryProgress
 from mailgate_ams_reporter.endpoints import EndpointCache
-from mailgate_ams_reporter.handlers import RetryPolicy
 from mailgate_ams_reporter.payload import build_body, wants
+from mailgate_ams_reporter.retry import RetryPolicy
 from mailgate_ams_reporter.signing import (
     signed_headers,
     signing_key,
@@ -84,7 +84,7 @@ def test_verify_standard_accepts_rotation_lists_and_rejects_tampering_and_old_ti
     assert not verify_standard(WHSEC, dict(headers, **{"webhook-id": "evt3"}), body)
 
 
-def test_body_matches_the_spec_shape_and_prefers_the_external_id() -> None:
+def test_body_is_the_spec_shape_plus_ids_and_prefers_the_external_id() -> None:
     body = json.loads(build_body(event(), endpoint()))
     assert body == {
         "message": {
@@ -97,6 +97,7 @@ def test_body_matches_the_spec_shape_and_prefers_the_external_id() -> None:
             "name": "clicked",
             "timestamp": 1539062173,
             "data": {"url": "https://example.com"},
+            "id": "01JEVENT000000000000000000",
         },
     }
     without_external = json.loads(build_body(event(external_id=None), endpoint()))

@@ -36,6 +36,13 @@ class EndpointCache:
         record = self._by_account.get(account_id)
         return list(record.endpoints) if record is not None else []
 
+    def find(self, account_id: str, endpoint_id: str) -> EndpointRecord | None:
+        """The endpoint's current registration (URL and secret may have changed since)."""
+        record = self._by_account.get(account_id)
+        if record is None:
+            return None
+        return next((e for e in record.endpoints if e.id == endpoint_id), None)
+
     def __len__(self) -> int:
         return len(self._by_account)
 
@@ -73,5 +80,5 @@ class EndpointCache:
                 await self._watcher.stop()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            # Bounded: nats-py may swallow the cancellation inside the watcher.
+            await asyncio.wait({self._task}, timeout=2.0)

@@ -1,51 +1,212 @@
-"""``status.>`` -> signed HTTP POSTs to the account's endpoints -> ack / nak / dead-letter."""
+"""``status.>`` and ``webhook.retry.>`` -> signed HTTP POSTs -> ack / retry task / dead letter.
+
+``StatusHandler`` makes the first try of every delivery of a status event; what does not get
+through becomes a ``RetryTask`` (published before the status message is acked).
+``RetryHandler`` owns each task until it is delivered or dead-lettered. Both go through the
+``Dispatcher``, which applies the endpoint's breaker and concurrency limit (``breaker.py``)
+and batching (``batching.py``) around one HTTP attempt (``delivery.py``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from dataclasses import dataclass
 
+import msgspec
 import structlog
-from mailgate_core.nats import Ack, Nak, Outcome, Term, backoff_delay, delivery_count
-from mailgate_core.schemas import SchemaError, StatusEvent, decode
+from mailgate_core.nats import Ack, Nak, Outcome, PublishError, Term, delivery_count, publish_event
+from mailgate_core.records import EndpointRecord
+from mailgate_core.schemas import SchemaError, StatusEvent, WebhookDeadLettered, decode
 from nats.aio.msg import Msg
-from prometheus_client import Counter
+from nats.js import JetStreamContext
 
-from .delivery import Delivered, Deliverer, DeliveryProgress, Failed, Refused
+from .batching import BatchConfig, Batcher
+from .breaker import LaneBusy, Lanes
+from .delivery import (
+    AttemptResult,
+    Deferred,
+    Delivered,
+    Deliverer,
+    DeliveryProgress,
+    Failed,
+    Refused,
+)
 from .endpoints import EndpointCache
-from .payload import build_body, wants
+from .metrics import WebhookMetrics
+from .payload import build_body, targets
+from .retry import RetryPolicy, RetryTask, decode_task, encode_task, retry_msg_id, retry_subject
 
 log = structlog.get_logger()
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    deadline_s: float
-    base_s: float
-    max_delay_s: float
+class Dispatcher:
+    """One try of one event at one endpoint: breaker, concurrency limit, batching, metrics."""
 
-    def delay_s(self, attempt: int, remaining_s: float) -> float:
-        """Backoff for the ``attempt``-th delivery, never far past the retry deadline."""
-        delay = backoff_delay(attempt, base_s=self.base_s, cap_s=self.max_delay_s)
-        return float(max(min(delay, remaining_s), min(self.base_s, delay)))
+    def __init__(
+        self,
+        deliverer: Deliverer,
+        lanes: Lanes,
+        metrics: WebhookMetrics,
+        batch: BatchConfig,
+    ) -> None:
+        self._deliverer = deliverer
+        self.lanes = lanes
+        self._metrics = metrics
+        self.batcher = Batcher(self._post, batch)
+
+    async def send(self, event: StatusEvent, endpoint: EndpointRecord) -> AttemptResult:
+        lane = self.lanes.get(endpoint.id)
+        if lane.breaker.is_open():
+            return self._defer(endpoint.id, "circuit_open")
+        body = build_body(event, endpoint)
+        if endpoint.batch:
+            result = await self.batcher.submit(endpoint, event, body)
+        else:
+            result = await self._post(endpoint, event.event_id, body, 1)
+        if isinstance(result, Delivered):
+            self._metrics.lag.observe(max(0.0, time.time() - event.occurred_at))
+        return result
+
+    async def _post(
+        self, endpoint: EndpointRecord, webhook_id: str, body: bytes, items: int
+    ) -> AttemptResult:
+        lane = self.lanes.get(endpoint.id)
+        try:
+            async with lane.slot():
+                if not lane.breaker.try_admit():
+                    return self._defer(endpoint.id, "circuit_open")
+                started = time.monotonic()
+                result = await self._deliverer.attempt(endpoint, webhook_id, body)
+                if not isinstance(result, Refused):
+                    self._metrics.duration.observe(time.monotonic() - started)
+        except LaneBusy:
+            return self._defer(endpoint.id, "busy")
+        if isinstance(result, Refused):
+            lane.breaker.release_probe()
+            return result
+        self._metrics.attempts.labels(endpoint.id).inc()
+        if items > 1 or endpoint.batch:
+            self._metrics.batch_size.observe(items)
+        if isinstance(result, Delivered):
+            lane.breaker.record_success()
+        else:
+            assert isinstance(result, Failed)
+            lane.breaker.record_failure()
+            lane.last_failure = result.reason
+            lane.last_http_status = result.status
+            self._metrics.failures.labels(endpoint.id).inc()
+        return result
+
+    def _defer(self, endpoint_id: str, reason: str) -> Deferred:
+        lane = self.lanes.get(endpoint_id)
+        self._metrics.deferred.labels(endpoint_id, reason).inc()
+        if reason == "circuit_open":
+            wait = lane.breaker.retry_in_s()
+            # Spread the deferred deliveries so the half-open probe is not a stampede.
+            return Deferred("circuit open", wait * random.uniform(1.0, 1.2) + random.random())
+        return Deferred("endpoint busy", lane.busy_retry_in_s())
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+
+class DeadLetters:
+    """Publishes ``mail.webhook_dead_lettered`` (the ledger keeps it for listing/replay)."""
+
+    def __init__(self, js: JetStreamContext, metrics: WebhookMetrics) -> None:
+        self._js = js
+        self._metrics = metrics
+
+    async def publish(
+        self,
+        event: StatusEvent,
+        endpoint_id: str,
+        *,
+        url: str,
+        attempts: int,
+        reason: str,
+        http_status: int | None,
+    ) -> None:
+        """Raises PublishError when the dead letter is not durable (then nak and retry)."""
+        dead = WebhookDeadLettered(
+            event_id=f"dl-{event.event_id}-{endpoint_id}",
+            status=event,
+            endpoint_id=endpoint_id,
+            url=url,
+            attempts=attempts,
+            reason=reason,
+            http_status=http_status,
+        )
+        await publish_event(self._js, dead)
+        self._metrics.outcomes.labels("dead_letter").inc()
+        self._metrics.dead_letters.labels(endpoint_id).inc()
+        log.error(
+            "webhook dead-lettered",
+            mailgate_id=event.message.mailgate_id,
+            event_id=event.event_id,
+            endpoint_id=endpoint_id,
+            attempts=attempts,
+            reason=reason,
+            http_status=http_status,
+        )
+
+
+def _log_result(
+    event: StatusEvent, endpoint_id: str, result: AttemptResult, **extra: object
+) -> None:
+    ids = {
+        "mailgate_id": event.message.mailgate_id,
+        "event_id": event.event_id,
+        "status": event.name,
+        "endpoint_id": endpoint_id,
+        **extra,
+    }
+    if isinstance(result, Delivered):
+        log.debug("webhook delivered", http_status=result.status, **ids)
+    elif isinstance(result, Refused):
+        log.warning("webhook refused", reason=result.reason, **ids)
+    elif isinstance(result, Failed):
+        log.info(
+            "webhook delivery failed",
+            reason=result.reason,
+            http_status=result.status,
+            response=result.snippet or None,
+            **ids,
+        )
+    else:
+        log.debug(
+            "webhook deferred", reason=result.reason, retry_in_s=round(result.retry_in_s, 2), **ids
+        )
+
+
+def _outcome_name(result: AttemptResult) -> str:
+    return {Delivered: "delivered", Failed: "failed", Refused: "refused", Deferred: "deferred"}[
+        type(result)
+    ]
 
 
 class StatusHandler:
+    """First try of each delivery of a ``status.>`` message."""
+
     def __init__(
         self,
         *,
+        js: JetStreamContext,
         endpoints: EndpointCache,
-        deliverer: Deliverer,
-        progress: DeliveryProgress,
+        dispatcher: Dispatcher,
+        dead_letters: DeadLetters,
         retry: RetryPolicy,
-        outcomes: Counter,
+        metrics: WebhookMetrics,
+        progress: DeliveryProgress | None = None,
     ) -> None:
+        self._js = js
         self._endpoints = endpoints
-        self._deliverer = deliverer
-        self._progress = progress
+        self._dispatcher = dispatcher
+        self._dead_letters = dead_letters
         self._retry = retry
-        self._outcomes = outcomes
+        self._metrics = metrics
+        self._progress = progress if progress is not None else DeliveryProgress()
 
     async def __call__(self, msg: Msg) -> Outcome:
         try:
@@ -54,55 +215,173 @@ class StatusHandler:
             log.error("undecodable status event", subject=msg.subject, error=str(exc))
             return Term("undecodable")
         ref = event.message
-        blog = log.bind(
-            mailgate_id=ref.mailgate_id,
-            account_id=ref.account_id,
-            event_id=event.event_id,
-            status=event.name,
-        )
-        targets = [e for e in self._endpoints.endpoints(ref.account_id) if wants(e, event.name)]
-        done = self._progress.done(event.event_id)
-        pending = [e for e in targets if e.id not in done]
-        if not pending:
-            self._progress.forget(event.event_id)
+        chosen = targets(self._endpoints.endpoints(ref.account_id), event)
+        if not chosen:
             return Ack()
+        seq = _stream_seq(msg)
+        key = str(seq)
+        done = self._progress.done(key)
+        pending = [e for e in chosen if e.id not in done]
+        if len(pending) == 1:  # the usual case: no gather, no extra task
+            results: list[AttemptResult] = [await self._dispatcher.send(event, pending[0])]
+        else:
+            results = list(
+                await asyncio.gather(*(self._dispatcher.send(event, e) for e in pending))
+            )
 
-        results = await asyncio.gather(
-            *(self._deliverer.attempt(e, event.event_id, build_body(event, e)) for e in pending)
-        )
-        failed = []
+        remaining_s = self._retry.remaining_s(event, time.time())
+        unsettled = False
+        served: list[str] = []
         for endpoint, result in zip(pending, results, strict=True):
-            elog = blog.bind(endpoint_id=endpoint.id)
-            if isinstance(result, Delivered):
-                self._outcomes.labels("delivered").inc()
-                self._progress.mark(event.event_id, endpoint.id)
-                elog.info("webhook delivered", http_status=result.status)
-            elif isinstance(result, Refused):
-                self._outcomes.labels("refused").inc()
-                self._progress.mark(event.event_id, endpoint.id)
-                elog.warning("webhook refused", reason=result.reason)
-            else:
-                assert isinstance(result, Failed)
-                self._outcomes.labels("failed").inc()
-                failed.append(endpoint)
-                elog.info(
-                    "webhook delivery failed", reason=result.reason, http_status=result.status
-                )
-        if not failed:
-            self._progress.forget(event.event_id)
-            return Ack()
+            self._metrics.outcomes.labels(_outcome_name(result)).inc()
+            _log_result(event, endpoint.id, result)
+            if isinstance(result, Failed | Deferred):
+                try:
+                    if remaining_s <= 0:
+                        await self._dead_letter(event, endpoint, result)
+                    else:
+                        await self._queue_retry(event, endpoint, result, seq)
+                except PublishError as exc:
+                    log.warning(
+                        "retry task not queued",
+                        mailgate_id=ref.mailgate_id,
+                        event_id=event.event_id,
+                        endpoint_id=endpoint.id,
+                        error=str(exc),
+                    )
+                    unsettled = True
+                    continue
+            served.append(endpoint.id)
+        if unsettled:  # redelivered soon: remember who needs nothing more
+            for endpoint_id in served:
+                self._progress.mark(key, endpoint_id)
+            return Nak(random.uniform(1.0, 3.0))
+        if done:
+            self._progress.forget(key)
+        return Ack()
 
-        remaining_s = event.occurred_at + self._retry.deadline_s - time.time()
+    async def _queue_retry(
+        self, event: StatusEvent, endpoint: EndpointRecord, result: Failed | Deferred, seq: int
+    ) -> None:
+        task = RetryTask(
+            status=event,
+            endpoint_id=endpoint.id,
+            attempts=1 if isinstance(result, Failed) else 0,
+            reason=result.reason,
+            http_status=result.status if isinstance(result, Failed) else None,
+            queued_at=time.time(),
+        )
+        try:
+            await self._js.publish(
+                retry_subject(endpoint.id),
+                encode_task(task),
+                timeout=5.0,
+                headers={"Nats-Msg-Id": retry_msg_id(event.event_id, endpoint.id, seq)},
+            )
+        except Exception as exc:  # timeout, no responders, stream full...
+            raise PublishError(f"{type(exc).__name__}: {exc}") from exc
+        self._metrics.retries_queued.inc()
+
+    async def _dead_letter(
+        self, event: StatusEvent, endpoint: EndpointRecord, result: Failed | Deferred
+    ) -> None:
+        await self._dead_letters.publish(
+            event,
+            endpoint.id,
+            url=endpoint.url,
+            attempts=1 if isinstance(result, Failed) else 0,
+            reason=result.reason,
+            http_status=result.status if isinstance(result, Failed) else None,
+        )
+
+
+class RetryHandler:
+    """Tries a ``RetryTask`` again, with backoff, until delivered or past the deadline."""
+
+    def __init__(
+        self,
+        *,
+        endpoints: EndpointCache,
+        dispatcher: Dispatcher,
+        dead_letters: DeadLetters,
+        retry: RetryPolicy,
+        metrics: WebhookMetrics,
+    ) -> None:
+        self._endpoints = endpoints
+        self._dispatcher = dispatcher
+        self._dead_letters = dead_letters
+        self._retry = retry
+        self._metrics = metrics
+
+    async def __call__(self, msg: Msg) -> Outcome:
+        try:
+            task = decode_task(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("undecodable retry task", subject=msg.subject, error=str(exc))
+            return Term("undecodable")
+        event = task.status
+        endpoint = self._endpoints.find(event.message.account_id, task.endpoint_id)
+        if endpoint is None or not endpoint.enabled:
+            self._metrics.outcomes.labels("dropped").inc()
+            log.info(
+                "webhook retry dropped",
+                mailgate_id=event.message.mailgate_id,
+                event_id=event.event_id,
+                endpoint_id=task.endpoint_id,
+                reason="endpoint removed or disabled",
+            )
+            return Ack()
+        tries = task.attempts + delivery_count(msg) - 1
+        lane = self._dispatcher.lanes.get(endpoint.id)
+        remaining_s = self._retry.remaining_s(event, time.time())
         if remaining_s <= 0:
-            # TODO(dead-letter store): keep the body for listing/replay through the admin API.
-            for endpoint in failed:
-                self._outcomes.labels("dead_letter").inc()
-                blog.error(
-                    "webhook dead-lettered",
-                    endpoint_id=endpoint.id,
-                    attempts=delivery_count(msg),
-                    deadline_s=self._retry.deadline_s,
-                )
-            self._progress.forget(event.event_id)
-            return Term("retry deadline passed")
-        return Nak(self._retry.delay_s(delivery_count(msg), remaining_s))
+            last = lane.last_failure or task.reason
+            return await self._give_up(
+                event, endpoint, tries, last, lane.last_http_status or task.http_status
+            )
+
+        result = await self._dispatcher.send(event, endpoint)
+        self._metrics.outcomes.labels(_outcome_name(result)).inc()
+        _log_result(event, endpoint.id, result, tries=tries + 1)
+        if isinstance(result, Delivered | Refused):
+            return Ack()
+        remaining_s = self._retry.remaining_s(event, time.time())
+        if isinstance(result, Failed):
+            if remaining_s <= 0:
+                return await self._give_up(event, endpoint, tries + 1, result.reason, result.status)
+            return Nak(
+                self._retry.delay_s(tries + 1, remaining_s, at_least_s=result.retry_after_s or 0.0)
+            )
+        if remaining_s <= 0:
+            reason = f"{result.reason}; last failure: {lane.last_failure or task.reason}"
+            return await self._give_up(event, endpoint, tries, reason, lane.last_http_status)
+        return Nak(max(0.05, min(result.retry_in_s, remaining_s)))
+
+    async def _give_up(
+        self,
+        event: StatusEvent,
+        endpoint: EndpointRecord,
+        attempts: int,
+        reason: str,
+        http_status: int | None,
+    ) -> Outcome:
+        try:
+            await self._dead_letters.publish(
+                event,
+                endpoint.id,
+                url=endpoint.url,
+                attempts=attempts,
+                reason=reason,
+                http_status=http_status,
+            )
+        except PublishError as exc:
+            log.warning("dead letter not published", endpoint_id=endpoint.id, error=str(exc))
+            return Nak(random.uniform(1.0, 3.0))
+        return Ack()
+
+
+def _stream_seq(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.sequence.stream)
+    except Exception:
+        return 0

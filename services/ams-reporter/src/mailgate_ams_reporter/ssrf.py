@@ -14,29 +14,13 @@ import socket
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from mailgate_core.netguard import is_forbidden_ip
+
+__all__ = ["ForbiddenAddressError", "GuardedResolver", "is_forbidden_host", "is_forbidden_ip"]
 
 
 class ForbiddenAddressError(OSError):
     """The endpoint resolves to an address we refuse to connect to."""
-
-
-def is_forbidden_ip(address: str) -> bool:
-    """True for every address that is not a public unicast one."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return True
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-        or not ip.is_global
-    )
 
 
 def is_ip_literal(host: str) -> bool:
