@@ -35,6 +35,7 @@ from mailgate_core.ops import Health
 from mailgate_core.passwords import generate_password, hash_password
 from mailgate_core.records import normalize_email
 from mailgate_core.schemas import StatusEvent, decode, encode
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from . import store
@@ -465,6 +466,7 @@ class AdminContext:
     allow_private_webhooks: bool = False
     resolve: Resolver = system_resolver
     js: JetStreamContext | None = None
+    nc: NATS | None = None
     metrics: LedgerMetrics | None = None
     outbox: Outbox | None = None
     partitions: PartitionKeeper | None = None
@@ -542,6 +544,8 @@ def make_admin_app(context: AdminContext) -> web.Application:
     r.add_get("/v1/messages/{mailgate_id}", get_message)
     r.add_get("/v1/messages/{mailgate_id}/timeline", message_timeline)
     r.add_get("/v1/campaigns/{campaign_id}/stats", campaign_stats)
+    r.add_get("/v1/campaigns/{campaign_id}/autostops", campaign_autostops)
+    r.add_post("/v1/campaigns/{campaign_id}/resume", resume_campaign)
     r.add_get("/v1/dead-letters", list_dead_letters)
     r.add_post("/v1/dead-letters/replay", replay_dead_letters)
     r.add_get("/v1/dead-letters/{dead_letter_id}", get_dead_letter)
@@ -1098,6 +1102,93 @@ async def campaign_stats(request: web.Request) -> web.Response:
         events = await store.campaign_events(conn, campaign_id)
         non_machine = await store.campaign_unique_non_machine(conn, campaign_id, ENGAGEMENT)
     return json_response(campaign_stats_view(campaign_id, statuses, events, non_machine))
+
+
+# --- automatic campaign stops (ams-reporter, docs/autostop.md) --------------------------
+
+CONTROL_RESUME = "ams.control.resume"
+CONTROL_TIMEOUT_S = 30.0  # ams-reporter retries busy AMS calls; docs/autostop.md allows ~60 s
+#: "no responders" right after ams-reporter (re)subscribed is retried this often, quickly.
+CONTROL_ATTEMPTS = 5
+CONTROL_RETRY_DELAY_S = 0.2
+AUTOSTOP_KINDS = {"stats.campaign.autostopped": "autostopped", "stats.campaign.resumed": "resumed"}
+
+
+class ResumeIn(msgspec.Struct, kw_only=True):
+    requested_by: str = ""
+
+
+def autostop_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    data = dict(row["data"] or {})
+    return {
+        "event_id": row["event_id"],
+        "kind": AUTOSTOP_KINDS.get(row["subject"], row["subject"]),
+        "generation": data.get("generation"),
+        "occurred_at": _iso(row["occurred_at"]),
+        "recorded_at": _iso(row["recorded_at"]),
+        "data": data,
+    }
+
+
+async def campaign_autostops(request: web.Request) -> web.Response:
+    """The campaign's automatic stops and resumes (as recorded from ``stats.campaign.*``)."""
+    campaign_id = request.match_info["campaign_id"]
+    limit = _limit(request, default=100, maximum=1000)
+    async with _ctx(request).pool.acquire() as conn:
+        rows = await store.campaign_autostops(conn, campaign_id, limit=limit)
+    return json_response({"items": [autostop_view(r) for r in rows]})
+
+
+def control_reply(data: bytes) -> dict[str, Any]:
+    """ams-reporter's reply, or the Problem its ``{"error": {...}}`` stands for."""
+    try:
+        reply = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise Problem(502, "Bad gateway", "ams-reporter sent a reply that is not a JSON object")
+    error = reply.get("error")
+    if isinstance(error, dict):
+        status = error.get("status")
+        if not isinstance(status, int) or not 400 <= status <= 599:
+            status = 502
+        problem = Problem(
+            status, str(error.get("title") or "Error"), str(error.get("detail") or "")
+        )
+        if isinstance(error.get("type"), str) and error["type"]:
+            problem.type = error["type"]
+        raise problem
+    return reply
+
+
+async def control_request(nc: NATS | None, subject: str, payload: bytes) -> bytes:
+    """A request to ams-reporter; "no responders" is retried a few times, quickly."""
+    unavailable = Problem(503, "Service unavailable", "ams-reporter unavailable")
+    if nc is None or not nc.is_connected:
+        raise unavailable
+    for attempt in range(1, CONTROL_ATTEMPTS + 1):
+        try:
+            msg = await nc.request(subject, payload, timeout=CONTROL_TIMEOUT_S)
+        except nats.errors.NoRespondersError:
+            if attempt < CONTROL_ATTEMPTS:
+                await asyncio.sleep(CONTROL_RETRY_DELAY_S)
+            continue
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.warning("ams-reporter request failed", subject=subject, error=repr(exc))
+            raise unavailable from None
+        return msg.data
+    log.warning("ams-reporter request failed", subject=subject, error="no responders")
+    raise unavailable
+
+
+async def resume_campaign(request: web.Request) -> web.Response:
+    """Resume an automatically stopped campaign through ams-reporter (``startMailing``)."""
+    campaign_id = request.match_info["campaign_id"]
+    body = await read_json(request, ResumeIn) if (await request.read()).strip() else ResumeIn()
+    payload = _json.encode({"campaign_id": campaign_id, "requested_by": body.requested_by})
+    reply = control_reply(await control_request(_ctx(request).nc, CONTROL_RESUME, payload))
+    log.info("campaign resume requested", campaign_id=campaign_id, requested_by=body.requested_by)
+    return json_response(reply)
 
 
 # --- postmaster ----------------------------------------------------------------------------

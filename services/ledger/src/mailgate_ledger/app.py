@@ -179,6 +179,7 @@ async def build(
             allow_private_webhooks=settings.webhook_allow_private,
             resolve=resolver,
             js=service.js,
+            nc=service.nc,
             metrics=metrics,
             outbox=outbox,
             partitions=partitions,

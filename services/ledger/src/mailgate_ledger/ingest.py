@@ -34,6 +34,8 @@ from mailgate_core.ids import new_ulid
 from mailgate_core.nats import Ack, Nak, Outcome, Term, backoff_delay, delivery_count
 from mailgate_core.records import SuppressionRecord, normalize_email
 from mailgate_core.schemas import (
+    CampaignAutoStopped,
+    CampaignResumed,
     Event,
     MailAccepted,
     MailFailed,
@@ -137,16 +139,17 @@ class Committed:
 SQL_INSERT_EVENTS = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-                         $6::text[], $7::text[], $8::bool[], $9::timestamptz[], $10::text[])
-         AS t(e, m, p, s, n, sn, sd, pend, o, d)
+                         $6::text[], $7::text[], $8::bool[], $9::timestamptz[], $10::text[],
+                         $11::text[])
+         AS t(e, m, p, s, n, sn, sd, pend, o, d, c)
 ), claimed AS (
     INSERT INTO event_ids (event_id) SELECT e FROM input
     ON CONFLICT (event_id) DO NOTHING
     RETURNING event_id
 )
 INSERT INTO events (event_id, mailgate_id, postal_id, subject, name, status_name, status_data,
-                    status_pending, occurred_at, data)
-SELECT e, m, p, s, n, sn, sd::jsonb, pend, o, d::jsonb
+                    status_pending, occurred_at, data, campaign_id)
+SELECT e, m, p, s, n, sn, sd::jsonb, pend, o, d::jsonb, c
 FROM input JOIN claimed ON claimed.event_id = input.e
 RETURNING event_id
 """
@@ -516,9 +519,13 @@ class Ingestor:
                     fact.status is not None and resolvable,
                     _ts(fact.timestamp),
                     event_history_json(item.event),
+                    # campaign facts (auto-stop, resume) are found by campaign (admin API)
+                    item.event.campaign_id
+                    if isinstance(item.event, CampaignAutoStopped | CampaignResumed)
+                    else None,
                 )
             )
-        recorded = await conn.fetch(SQL_INSERT_EVENTS, *_columns(rows, 10))
+        recorded = await conn.fetch(SQL_INSERT_EVENTS, *_columns(rows, 11))
         return {r["event_id"] for r in recorded}
 
     async def _apply_mail_facts(self, conn: asyncpg.Connection, items: list[Item]) -> set[str]:

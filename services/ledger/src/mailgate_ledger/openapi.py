@@ -259,6 +259,53 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json(_ref("CampaignStats")), **_ERRORS},
                 }
             },
+            "/v1/campaigns/{campaign_id}/autostops": {
+                "get": {
+                    "summary": "The campaign's automatic stops and resumes, as ams-reporter "
+                    "published them (stats.campaign.autostopped/resumed), newest first",
+                    "parameters": [
+                        {"name": "campaign_id", "in": "path", "required": True, "schema": string},
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "items": {"type": "array", "items": _ref("AutoStopEvent")}
+                                },
+                            }
+                        ),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/v1/campaigns/{campaign_id}/resume": {
+                "post": {
+                    "summary": "Resume an automatically stopped campaign (ams-reporter calls "
+                    "AMS startMailing and re-arms the auto-stop); answers with its marker. "
+                    "Errors of ams-reporter are passed on (404 not stopped automatically, "
+                    "409 stop in progress, 502 AMS refused); 503 when ams-reporter is "
+                    "unavailable",
+                    "parameters": [
+                        {"name": "campaign_id", "in": "path", "required": True, "schema": string}
+                    ],
+                    "requestBody": {
+                        "required": False,
+                        "content": {"application/json": {"schema": _ref("ResumeRequest")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("AutoStopMarker")),
+                        **_ERRORS,
+                        "409": _PROBLEM,
+                        "502": _PROBLEM,
+                    },
+                }
+            },
             "/v1/dead-letters": {
                 "get": {
                     "summary": "Webhook deliveries ams-reporter gave up on, newest first",
@@ -684,6 +731,46 @@ def openapi_document() -> dict[str, Any]:
                         "replay_count": {"type": "integer"},
                         "replayed_at": {"type": ["string", "null"], "format": "date-time"},
                         "event": {"type": "object", "description": "GET by id only"},
+                    },
+                },
+                "AutoStopEvent": {
+                    "type": "object",
+                    "properties": {
+                        "event_id": string,
+                        "kind": {"enum": ["autostopped", "resumed"]},
+                        "generation": {"type": ["integer", "null"]},
+                        "occurred_at": string,
+                        "recorded_at": string,
+                        "data": {
+                            "type": "object",
+                            "description": "The CampaignAutoStopped or CampaignResumed event "
+                            "(reason, rate, threshold, counts; requested_by, started)",
+                        },
+                    },
+                },
+                "ResumeRequest": {
+                    "type": "object",
+                    "properties": {"requested_by": {"type": "string", "default": ""}},
+                },
+                "AutoStopMarker": {
+                    "type": "object",
+                    "description": "ams-reporter's auto-stop marker (docs/autostop.md)",
+                    "properties": {
+                        "campaign_id": string,
+                        "account_id": string,
+                        "mailing_id": string,
+                        "state": {"enum": ["stopping", "stopped", "failed", "resumed"]},
+                        "generation": {"type": "integer"},
+                        "reason": string,
+                        "rate": {"type": "number"},
+                        "threshold": {"type": "number"},
+                        "min_volume": {"type": "integer"},
+                        "counts": {"type": "object"},
+                        "attempts": {"type": "integer"},
+                        "last_error": string,
+                        "stopped_at": {"type": "number"},
+                        "published": {"type": "boolean"},
+                        "resumed_at": {"type": "number"},
                     },
                 },
                 "ReplayFilter": {

@@ -376,6 +376,26 @@ async def campaign_events(
     return out
 
 
+CAMPAIGN_CONTROL_SUBJECTS = ("stats.campaign.autostopped", "stats.campaign.resumed")
+
+
+async def campaign_autostops(
+    conn: asyncpg.Connection, campaign_id: str, *, limit: int
+) -> list[Row]:
+    """The campaign's automatic stops and resumes as ams-reporter published them, newest
+    first (``events_campaign`` index: the ledger files these facts under their campaign)."""
+    return await conn.fetch(  # type: ignore[no-any-return]
+        """SELECT event_id, subject, occurred_at, recorded_at, data
+           FROM events
+           WHERE campaign_id = $1 AND status_name IS NULL AND subject = ANY($2::text[])
+           ORDER BY occurred_at DESC, recorded_at DESC, event_id DESC
+           LIMIT $3""",
+        campaign_id,
+        list(CAMPAIGN_CONTROL_SUBJECTS),
+        limit,
+    )
+
+
 async def campaign_unique_non_machine(
     conn: asyncpg.Connection, campaign_id: str, names: Sequence[str]
 ) -> dict[str, int]:
