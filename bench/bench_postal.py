@@ -30,7 +30,7 @@ from mailgate_fakes.infra import NatsServer, free_port, wait_for_port
 from mailgate_fakes.postal import generate_private_key, public_key_b64, signature_headers
 from nats.aio.msg import Msg
 
-from common import CpuMeter, Options, Row, percentile
+from common import CpuMeter, Options, Row, percentile, stop
 
 KEY = "B" * 24
 DOMAIN = "bench.example"
@@ -46,13 +46,7 @@ def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pop
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop(proc, timeout_s=20)
 
 
 async def _ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:

@@ -40,9 +40,11 @@ import nats
 from mailgate_core.nats import KV_ACCOUNTS, KV_CREDENTIALS, provision
 from mailgate_core.passwords import hash_password
 from mailgate_core.records import AccountRecord, CredentialRecord
-from mailgate_fakes.infra import NatsServer, free_port, python_env, wait_for_port
+from mailgate_fakes.infra import NatsServer, free_port, wait_for_port
 
 from common import CpuMeter, Options, Row, percentile
+from common import spawn as _spawn
+from common import stop as _stop
 
 SESSIONS = 20
 USER = "bench-relay"
@@ -229,24 +231,6 @@ def bare_server(port: int, cert: str, key: str) -> None:
             await server.serve_forever()
 
     asyncio.run(main())
-
-
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    out = open(log, "ab")  # noqa: SIM115 - lives with the process
-    return subprocess.Popen(  # noqa: S603 - our own interpreter and modules
-        argv, env=python_env(env), stdout=out, stderr=subprocess.STDOUT
-    )
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _is_ready(ops_port: int) -> str:

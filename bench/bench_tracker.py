@@ -30,9 +30,11 @@ import nats
 from mailgate_core.ids import new_ulid
 from mailgate_core.nats import provision
 from mailgate_core.tracking import TokenSigner
-from mailgate_fakes.infra import NatsServer, free_port, python_env, wait_for_port
+from mailgate_fakes.infra import NatsServer, free_port, wait_for_port
 
 from common import CpuMeter, Options, Row, percentile
+from common import spawn as _spawn
+from common import stop as _stop
 
 CONNECTIONS = 50
 SECRET = "bench-tracking-secret-0123456789"  # noqa: S105 - a throwaway bench key
@@ -152,24 +154,6 @@ async def measure(
         note=f"{durable:,.0f} events/s made durable" if durable is not None else "",
     )
     return row, result
-
-
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    out = open(log, "ab")  # noqa: SIM115 - lives with the process
-    return subprocess.Popen(  # noqa: S603 - our own interpreter and modules
-        argv, env=python_env(env), stdout=out, stderr=subprocess.STDOUT
-    )
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _metric(port: int, name: str) -> float:

@@ -33,6 +33,7 @@ from mailgate_core.schemas import MessageRef, StatusEvent
 from mailgate_fakes.infra import NatsServer, free_port, python_env
 
 from common import Options, Row, percentile, process_cpu_s
+from common import stop as _stop
 
 IN_FLIGHT = 50
 PUBLISHERS = 32
@@ -109,16 +110,6 @@ def _spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         stdout=out,
         stderr=subprocess.STDOUT,
     )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _histogram_quantiles(port: int, name: str, qs: tuple[float, ...]) -> list[float | None]:

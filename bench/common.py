@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -64,3 +65,28 @@ class CpuMeter:
 
     def stop(self) -> float:
         return self._total() - self._start
+
+
+def spawn(
+    argv: list[str], env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a process of ours (output appended to ``log``, or discarded)."""
+    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(  # noqa: S603 - our own interpreter and modules
+        argv,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes] | None, timeout_s: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
