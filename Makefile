@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Trust the platform's CA store too (registries may sit behind a TLS-inspecting proxy).
 export UV_SYSTEM_CERTS ?= 1
 
-.PHONY: help env test lint typecheck schemas schemas-check pytest run openapi bench clean
+.PHONY: help env system-packages test lint typecheck schemas schemas-check pytest run openapi bench clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -23,7 +23,10 @@ $(TOOLS)/bin/uv:
 env: $(if $(shell command -v uv 2>/dev/null),,$(TOOLS)/bin/uv) ## create .venv from uv.lock
 	$(UV) sync --frozen --all-packages --quiet
 
-test: env lint typecheck schemas-check pytest ## lint, type check, schema staleness, whole suite
+test: env system-packages lint typecheck schemas-check pytest ## lint, type check, schema staleness, whole suite
+
+system-packages: ## Debian tools the suite drives (Chromium, promtool); installed when root
+	@tools/system-packages.sh
 
 lint: env ## ruff check + format check
 	$(VENV)/bin/ruff check .
