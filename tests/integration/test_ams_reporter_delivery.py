@@ -10,6 +10,7 @@ import json
 import time
 
 import aiohttp
+import msgspec
 from mailgate_ams_reporter.signing import verify_simple, verify_standard
 from mailgate_core.nats import publish_event
 from mailgate_core.schemas import StatusEvent, WebhookDeadLettered, decode, encode
@@ -238,6 +239,32 @@ async def test_a_replay_from_the_dead_letters_goes_only_to_the_endpoints_it_name
     assert receiver.on("/a") == []
     assert receiver.on("/b")[0].headers["webhook-id"] == original.event_id
     assert outcome(service, "delivered") == 1
+
+
+async def test_a_replay_that_fails_again_is_a_new_dead_letter_not_a_dropped_duplicate(
+    js, receiver: Receiver, start_reporter: StartReporter
+) -> None:
+    await put_endpoints(js, "acc1", endpoint("ep1", receiver.url()))
+    receiver.default = {"/hook": 500}
+    service = await start_reporter(retry_deadline_s=0.0)
+    original = status_event("failed")
+    await publish_event(js, original)
+    await eventually(lambda: outcome(service, "dead_letter") == 1, what="first dead letter")
+    first = await dead_letter(js)
+
+    replay = msgspec.structs.replace(original, occurred_at=time.time(), endpoint_ids=["ep1"])
+    await js.publish(replay.subject(), encode(replay), headers={"Nats-Msg-Id": "replay-dl1-1"})
+    await eventually(lambda: outcome(service, "dead_letter") == 2, what="second dead letter")
+    await eventually(lambda: all_settled(js), what="settled")
+
+    second = await dead_letter(js)
+    assert second.event_id != first.event_id
+    assert second.event_id.startswith(f"dl-{original.event_id}-ep1-r")
+    assert second.status.endpoint_ids == ["ep1"]
+    info = await js.stream_info("MAIL")
+    # Both dead letters are in the stream (the second was not de-duplicated away).
+    assert info.state.messages >= 2
+    assert len(receiver.calls) == 2
 
 
 async def test_a_service_restart_mid_retry_delivers_the_rest_and_never_resends(

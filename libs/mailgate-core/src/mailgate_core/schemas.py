@@ -236,7 +236,8 @@ class WebhookDeadLettered(Event, frozen=True, kw_only=True):
     """ams-reporter gave up delivering a status event to one endpoint (retry deadline passed).
 
     Published on ``mail.webhook_dead_lettered`` (MAIL stream: a fact in the message's history)
-    with ``event_id`` ``dl-{status.event_id}-{endpoint_id}``, so a repeat is a no-op. The
+    with ``event_id`` ``dl-{status.event_id}-{endpoint_id}`` (a failed replay adds
+    ``-r{replay occurred_at in ms}``), so a repeat is a no-op. The
     ledger keeps it as a dead letter listable and replayable through the admin API.
     """
 

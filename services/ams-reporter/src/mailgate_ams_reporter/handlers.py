@@ -111,6 +111,17 @@ class Dispatcher:
         await self.batcher.close()
 
 
+def dead_letter_id(event: StatusEvent, endpoint_id: str) -> str:
+    """``dl-{event_id}-{endpoint_id}``; a replay (the ledger names its endpoints and stamps a
+    fresh ``occurred_at``) that fails again gets its own id, suffixed with that stamp in ms, so
+    JetStream's de-duplication does not drop it and the ledger lists it as a new dead letter.
+    Retries of one replay carry the same stamp, so a repeated publish stays a no-op."""
+    base = f"dl-{event.event_id}-{endpoint_id}"
+    if event.endpoint_ids:
+        return f"{base}-r{round(event.occurred_at * 1000)}"
+    return base
+
+
 class DeadLetters:
     """Publishes ``mail.webhook_dead_lettered`` (the ledger keeps it for listing/replay)."""
 
@@ -130,7 +141,7 @@ class DeadLetters:
     ) -> None:
         """Raises PublishError when the dead letter is not durable (then nak and retry)."""
         dead = WebhookDeadLettered(
-            event_id=f"dl-{event.event_id}-{endpoint_id}",
+            event_id=dead_letter_id(event, endpoint_id),
             status=event,
             endpoint_id=endpoint_id,
             url=url,
