@@ -161,6 +161,28 @@ async def test_a_fact_published_twice_yields_one_status_event(start_ledger, js) 
     assert names == ["delivered", "sent"]
 
 
+async def test_a_reconciled_outcome_and_postal_s_late_webhook_emit_one_customer_event(
+    start_ledger, js
+) -> None:
+    ledger = await start_ledger()
+    mid = new_ulid()
+    reconciled = _postal(mid, event_id=f"rec-{mid}-Sent", payload={"reconciled": True})
+    for event in (_accepted(mid), _submitted(mid), reconciled):
+        await publish_event(js, event)
+    await _message(ledger, mid, "delivered", events=3)
+    # Postal's own webhook for the same delivery arrives later, under its own uuid.
+    await publish_event(js, _postal(mid))
+    detail = await _message(ledger, mid, "delivered", events=4)
+
+    assert [e["name"] for e in detail["events"]] == ["accepted", "sent", "delivered", "delivered"]
+    assert sorted(e.name for e in await _wait_status(js, 2)) == ["delivered", "sent"]
+    code, stats, _ = await ledger.call("GET", "/v1/campaigns/73/stats")
+    assert code == 200 and stats["events"]["delivered"] == {"total": 1, "unique": 1}
+    metrics = (await ledger.call("GET", "/metrics", token=None))[1].decode()
+    assert 'mailgate_ledger_repeated_outcomes_total{status="delivered"} 1.0' in metrics
+    assert 'mailgate_ledger_status_published_total{name="delivered"} 1.0' in metrics
+
+
 async def test_a_webhook_before_the_message_is_applied_once_the_message_arrives(
     start_ledger, js
 ) -> None:

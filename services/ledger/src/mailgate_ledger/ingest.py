@@ -34,6 +34,7 @@ from mailgate_core.ids import new_ulid
 from mailgate_core.nats import Ack, Nak, Outcome, Term, backoff_delay, delivery_count
 from mailgate_core.records import SuppressionRecord, normalize_email
 from mailgate_core.schemas import (
+    AmsMailingProgress,
     CampaignAutoStopped,
     CampaignResumed,
     Event,
@@ -58,7 +59,7 @@ from .kvsync import KvSync
 from .metrics import LedgerMetrics
 from .outbox import Outbox, OutboxRow
 from .partitions import PartitionKeeper
-from .status import SUPPRESSING_STATUSES, Fact, classify, rank
+from .status import ONCE_PER_MESSAGE, SUPPRESSING_STATUSES, Fact, classify, rank
 
 log = structlog.get_logger()
 
@@ -196,9 +197,14 @@ JOIN messages m ON m.external_id = v.ext AND (v.cid IS NULL OR m.campaign_id = v
 ORDER BY v.ext, v.cid, m.mailgate_id DESC
 """
 
+# ``repeat``: a once-per-message outcome this message has already emitted.
 SQL_PENDING = """
 SELECT e.event_id, e.mailgate_id, e.status_name, e.status_data, e.occurred_at,
-       m.account_id, m.recipient, m.external_id, m.campaign_id
+       m.account_id, m.recipient, m.external_id, m.campaign_id,
+       (e.status_name = ANY($2::text[]) AND EXISTS (
+           SELECT 1 FROM events p
+           WHERE p.mailgate_id = e.mailgate_id AND p.status_name = e.status_name
+             AND NOT p.status_pending)) AS repeat
 FROM events e JOIN messages m ON m.mailgate_id = e.mailgate_id
 WHERE e.mailgate_id = ANY($1::text[]) AND e.status_pending
 ORDER BY e.occurred_at, e.event_id
@@ -209,6 +215,14 @@ INSERT INTO outbox (subject, msg_id, payload)
 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
 ON CONFLICT (msg_id) DO NOTHING
 RETURNING id, subject, msg_id, payload
+"""
+
+# A repeated outcome stays in the history as a fact without a customer event.
+SQL_DROP_REPEATED = """
+UPDATE events SET status_name = NULL, status_data = NULL, status_pending = false,
+                  campaign_id = v.cid
+FROM unnest($1::text[], $2::text[], $3::text[]) AS v(eid, mid, cid)
+WHERE events.mailgate_id = v.mid AND events.event_id = v.eid AND events.status_pending
 """
 
 SQL_MARK_EMITTED = """
@@ -330,6 +344,16 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
         for column, value in zip(columns, row, strict=True):
             column.append(value)
     return columns
+
+
+def _campaign_fact_id(event: Any) -> str | None:
+    """Campaign facts (auto-stop, resume, AMS progress) are filed under their campaign so the
+    admin API finds them by campaign (the ``events_campaign`` index)."""
+    if isinstance(event, CampaignAutoStopped | CampaignResumed):
+        return event.campaign_id or None
+    if isinstance(event, AmsMailingProgress):
+        return event.mailing_id or None
+    return None
 
 
 class Ingestor:
@@ -519,10 +543,7 @@ class Ingestor:
                     fact.status is not None and resolvable,
                     _ts(fact.timestamp),
                     event_history_json(item.event),
-                    # campaign facts (auto-stop, resume) are found by campaign (admin API)
-                    item.event.campaign_id
-                    if isinstance(item.event, CampaignAutoStopped | CampaignResumed)
-                    else None,
+                    _campaign_fact_id(item.event),
                 )
             )
         recorded = await conn.fetch(SQL_INSERT_EVENTS, *_columns(rows, 11))
@@ -598,7 +619,7 @@ class Ingestor:
         """Turn pending facts of messages whose row exists into outbox status events."""
         if not mailgate_ids:
             return
-        rows = await conn.fetch(SQL_PENDING, mailgate_ids)
+        rows = await conn.fetch(SQL_PENDING, mailgate_ids, list(ONCE_PER_MESSAGE))
         if not rows:
             return
         subjects: list[str] = []
@@ -606,8 +627,18 @@ class Ingestor:
         payloads: list[bytes] = []
         best: dict[str, str] = {}
         suppress: dict[tuple[str, str], str] = {}
+        once: set[tuple[str, str]] = set()
+        repeated: list[Any] = []
         for row in rows:
             status = row["status_name"]
+            if status in ONCE_PER_MESSAGE:
+                key = (row["mailgate_id"], status)
+                if row["repeat"] or key in once:
+                    # Recorded in the history; the customer already has (or gets) this outcome.
+                    self._metrics.repeated_outcomes.labels(status).inc()
+                    repeated.append(row)
+                    continue
+                once.add(key)
             event = StatusEvent(
                 event_id=f"st-{row['event_id']}",
                 name=status,
@@ -635,6 +666,13 @@ class Ingestor:
         result.outbox.extend(
             OutboxRow(r["id"], r["subject"], r["msg_id"], bytes(r["payload"])) for r in inserted
         )
+        if repeated:
+            await conn.execute(
+                SQL_DROP_REPEATED,
+                [r["event_id"] for r in repeated],
+                [r["mailgate_id"] for r in repeated],
+                [r["campaign_id"] for r in repeated],
+            )
         await conn.execute(
             SQL_MARK_EMITTED,
             [r["event_id"] for r in rows],

@@ -18,6 +18,13 @@ class LedgerMetrics:
             "Facts consumed again with an event_id already recorded.",
             registry=registry,
         )
+        self.repeated_outcomes = Counter(
+            "mailgate_ledger_repeated_outcomes_total",
+            "Delivery outcomes reported again for a message (reconciler and late webhook): "
+            "recorded, not emitted twice.",
+            ["status"],
+            registry=registry,
+        )
         self.rejected = Counter(
             "mailgate_ledger_rejected_messages_total",
             "Messages terminated because they did not decode as their subject's event.",
@@ -78,5 +85,12 @@ class LedgerMetrics:
             "mailgate_ledger_retention_deleted_rows_total",
             "Rows deleted by retention outside the partitions, by table.",
             ["table"],
+            registry=registry,
+        )
+        self.campaign_status = Counter(
+            "mailgate_ledger_campaign_status_total",
+            "Customer status events published, per campaign (AMS mailing id: bounded by the "
+            "mailings sent, like stats-poller's mailing label) and status name.",
+            ["campaign", "status"],
             registry=registry,
         )

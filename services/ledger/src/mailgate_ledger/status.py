@@ -76,6 +76,11 @@ STATUS_RANK: dict[str, int] = {
     "skipped": 100,
 }
 
+#: Delivery outcomes a message has at most once. Two sources can report the same outcome under
+#: different event ids (postal-sender's reconciler, then Postal's late webhook): the ledger
+#: records both facts but emits the customer event only for the first.
+ONCE_PER_MESSAGE = frozenset({"delivered", "hard_bounced", "failed"})
+
 #: Customer events after which the recipient is suppressed for the account.
 SUPPRESSING_STATUSES = frozenset({"hard_bounced", "complained", "unsubscribed"})
 
