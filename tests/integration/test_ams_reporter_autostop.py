@@ -189,10 +189,15 @@ async def test_resume_starts_the_mailing_and_rearms_the_stop_on_new_volume(
     await publish(js, "sent", MIN_SENT, start=2000)
     await publish(js, "failed", 10, start=2000)
     await eventually(lambda: stops(ams) == 2, what="stopped again")
-    event = decode(
-        (await js.get_last_msg("STATS", "stats.campaign.autostopped")).data, CampaignAutoStopped
-    )
-    assert event.generation == 2 and event.sent == 10 + MIN_SENT
+
+    # AMS answers stopMailing before the fact is published: wait for the second fact.
+    async def second_stop() -> CampaignAutoStopped | None:
+        msg = await js.get_last_msg("STATS", "stats.campaign.autostopped")
+        event = decode(msg.data, CampaignAutoStopped)
+        return event if event.generation == 2 else None
+
+    event = await eventually(second_stop, what="generation 2 published")
+    assert event.sent == 10 + MIN_SENT
 
 
 async def test_bad_resume_requests_get_problem_answers(
