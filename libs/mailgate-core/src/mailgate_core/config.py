@@ -45,6 +45,11 @@ class BaseSettings(msgspec.Struct, frozen=True, kw_only=True):
     """Port of /metrics, /healthz and /readyz (HTTP services serve them on their own port)."""
     log_level: str = "info"
     shutdown_grace_s: float = 20.0
+    jetstream_replicas: int = 1
+    """Replicas of the streams, KV buckets and object store ``provision`` creates (3 on a
+    3-node JetStream cluster; 1 on one server)."""
+    consumer_lag_interval_s: float = 15.0
+    """How often each pull consumer's backlog gauges are refreshed (0: never)."""
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -32,6 +32,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
+from prometheus_client import CollectorRegistry, Gauge
 
 from .schemas import Event, encode
 
@@ -358,3 +359,64 @@ async def _settle(msg: Msg, outcome: Outcome, *, sync: bool = True) -> None:
         # The ack did not reach the server: JetStream redelivers after ack_wait and the
         # handler's idempotency makes that harmless.
         log.warning("settle failed", subject=msg.subject, error=str(exc))
+
+
+class ConsumerLag:
+    """Backlog gauges of durable pull consumers, read from JetStream's consumer info.
+
+    ``mailgate_consumer_pending_messages{stream,consumer}`` counts messages not yet delivered,
+    ``mailgate_consumer_ack_pending_messages`` those delivered but not yet acknowledged. The
+    consumer is shared, so every replica reports the same numbers: aggregate with ``max``.
+    """
+
+    def __init__(
+        self, js: JetStreamContext, registry: CollectorRegistry, *, interval_s: float = 15.0
+    ) -> None:
+        self._js = js
+        self._interval_s = interval_s
+        self._consumers: list[tuple[str, str]] = []
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        labels = ["stream", "consumer"]
+        self.pending = Gauge(
+            "mailgate_consumer_pending_messages",
+            "Messages of a durable consumer's stream not yet delivered (its backlog).",
+            labels,
+            registry=registry,
+        )
+        self.ack_pending = Gauge(
+            "mailgate_consumer_ack_pending_messages",
+            "Messages delivered to a durable consumer and not yet acknowledged.",
+            labels,
+            registry=registry,
+        )
+
+    def watch(self, stream: str, durable: str) -> None:
+        if (stream, durable) not in self._consumers:
+            self._consumers.append((stream, durable))
+
+    async def refresh(self) -> None:
+        for stream, durable in self._consumers:
+            try:
+                info = await self._js.consumer_info(stream, durable, timeout=2.0)
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                log.debug("consumer info failed", durable=durable, error=str(exc))
+                continue
+            self.pending.labels(stream, durable).set(info.num_pending or 0)
+            self.ack_pending.labels(stream, durable).set(info.num_ack_pending or 0)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="consumer-lag")
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            await self.refresh()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval_s):
+                    await self._stopping.wait()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 from .config import BaseSettings
-from .nats import PullWorker, connect, provision
+from .nats import ConsumerLag, PullWorker, connect, provision
 from .ops import Health, add_ops_routes, start_http
 
 
@@ -35,6 +35,7 @@ class ServiceBase:
         self.runners: list[web.AppRunner] = []
         self.on_stop: list[Callable[[], Awaitable[Any]]] = []
         self.on_start: list[Callable[[], Awaitable[Any]]] = []
+        self.consumer_lag: ConsumerLag | None = None
 
     @property
     def js(self) -> JetStreamContext:
@@ -44,7 +45,7 @@ class ServiceBase:
     async def connect(self) -> None:
         self.nc = await connect(self.settings.nats_url, self.settings.service_name)
         self._js = self.nc.jetstream(timeout=10)
-        await provision(self._js)
+        await provision(self._js, replicas=self.settings.jetstream_replicas)
         nc = self.nc
         self.health.add_check("nats", lambda: nc.is_connected)
 
@@ -66,10 +67,26 @@ class ServiceBase:
         for hook in self.on_start:
             await hook()
         self.health.add_check("workers", lambda: all(w.running for w in self.workers))
+        self._start_consumer_lag()
+
+    def _start_consumer_lag(self) -> None:
+        """Backlog gauges of this service's pull consumers (dashboards and alerts read them)."""
+        interval_s = self.settings.consumer_lag_interval_s
+        if not self.workers or interval_s <= 0 or self.consumer_lag is not None:
+            return
+        try:
+            self.consumer_lag = ConsumerLag(self.js, self.registry, interval_s=interval_s)
+        except ValueError:  # a registry shared with another service already has the gauges
+            return
+        for worker in self.workers:
+            self.consumer_lag.watch(worker.stream, worker.durable)
+        self.consumer_lag.start()
 
     async def stop(self) -> None:
         """Stop intake, finish in-flight work and settle it, then close connections."""
         self.health.draining = True
+        if self.consumer_lag is not None:
+            await self.consumer_lag.stop()
         for hook in self.on_stop:  # intake first (e.g. close the SMTP listener)
             with contextlib.suppress(Exception):
                 await hook()

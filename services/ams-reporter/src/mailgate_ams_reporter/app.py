@@ -188,7 +188,9 @@ class AmsReporter(ServiceBase):
     async def setup(self) -> None:
         await self.connect()
         s = self.settings
-        await provision_retry_stream(self.js, max_age_s=s.retry_deadline_s + DAY_S)
+        await provision_retry_stream(
+            self.js, max_age_s=s.retry_deadline_s + DAY_S, replicas=s.jetstream_replicas
+        )
         self._endpoints = EndpointCache(self.js)
         self.health.add_check("endpoints", self.endpoints.loaded.is_set)
         self.session = make_session(
@@ -272,9 +274,13 @@ class AmsReporter(ServiceBase):
             log.info("autostop disabled: AMS API not configured")
             return
         counters = CounterStore(
-            await ensure_bucket(self.js, KV_CAMPAIGN_COUNTERS, ttl_s=30 * DAY_S)
+            await ensure_bucket(
+                self.js, KV_CAMPAIGN_COUNTERS, ttl_s=30 * DAY_S, replicas=s.jetstream_replicas
+            )
         )
-        markers = await ensure_bucket(self.js, KV_CAMPAIGN_AUTOSTOP, ttl_s=90 * DAY_S)
+        markers = await ensure_bucket(
+            self.js, KV_CAMPAIGN_AUTOSTOP, ttl_s=90 * DAY_S, replicas=s.jetstream_replicas
+        )
         api_key = Secret(s.ams_api_key).reveal()
         self.ams = AmsClient(s.ams_api_url, api_key, timeout_s=s.ams_timeout_s)
         self.stopper = AutoStopper(

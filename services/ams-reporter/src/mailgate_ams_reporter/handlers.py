@@ -65,7 +65,9 @@ class Dispatcher:
         else:
             result = await self._post(endpoint, event.event_id, body, 1)
         if isinstance(result, Delivered):
-            self._metrics.lag.observe(max(0.0, time.time() - event.occurred_at))
+            lag_s = max(0.0, time.time() - event.occurred_at)
+            self._metrics.lag.observe(lag_s)
+            self._metrics.endpoint_lag.labels(endpoint.id).set(lag_s)
         return result
 
     async def _post(

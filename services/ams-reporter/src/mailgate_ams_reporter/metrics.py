@@ -70,6 +70,13 @@ class WebhookMetrics:
             buckets=LAG_BUCKETS,
             registry=registry,
         )
+        self.endpoint_lag = Gauge(
+            "mailgate_webhook_endpoint_lag_seconds",
+            "Lag (status event occurred_at to the 2xx) of the latest successful delivery, "
+            "per endpoint.",
+            ["endpoint"],
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "mailgate_webhook_batch_items",
             "Events per batched delivery.",

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
+import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
@@ -25,6 +26,26 @@ from .metrics import LedgerMetrics
 log = structlog.get_logger()
 
 _CONCURRENCY = 64
+
+
+class _Ref(msgspec.Struct):
+    campaign_id: str | None = None
+
+
+class _CampaignOnly(msgspec.Struct):
+    """The one field of a status event the per-campaign counter needs (others skipped)."""
+
+    message: _Ref = msgspec.field(default_factory=_Ref)
+
+
+_campaign_decoder = msgspec.json.Decoder(_CampaignOnly)
+
+
+def _campaign_of(payload: bytes) -> str:
+    try:
+        return _campaign_decoder.decode(payload).message.campaign_id or ""
+    except msgspec.DecodeError:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -62,7 +83,11 @@ class Outbox:
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
             log.warning("status publish failed", subject=row.subject, error=str(exc))
             return False
-        self._metrics.status_published.labels(row.subject.partition(".")[2]).inc()
+        status = row.subject.partition(".")[2]
+        self._metrics.status_published.labels(status).inc()
+        campaign = _campaign_of(row.payload)
+        if campaign:
+            self._metrics.campaign_status.labels(campaign, status).inc()
         return True
 
     async def _publish(self, rows: Sequence[OutboxRow]) -> list[int]:

@@ -158,7 +158,7 @@ async def build(
         circuit=Circuit(settings.postal_circuit_failures, settings.postal_circuit_open_s),
     )
     service.health.add_check("postal", lambda: client.postal_alive)
-    pending = await ensure_bucket(js, KV_PENDING, PENDING_TTL_S)
+    pending = await ensure_bucket(js, KV_PENDING, PENDING_TTL_S, settings.jetstream_replicas)
     api_keys = ApiKeys(await js.key_value(KV_ACCOUNTS), Secret(settings.postal_api_key).reveal())
     sender = Sender(
         js=js,
@@ -203,7 +203,9 @@ async def build(
         )
     )
     if settings.reconcile_enabled:
-        locks = await ensure_bucket(js, KV_LOCKS, settings.reconcile_lock_ttl_s)
+        locks = await ensure_bucket(
+            js, KV_LOCKS, settings.reconcile_lock_ttl_s, settings.jetstream_replicas
+        )
         owner = f"{socket.gethostname()}-{os.getpid()}-{new_ulid()}"
         reconciler = Reconciler(
             js=js,

@@ -77,14 +77,16 @@ def decode_record(data: bytes | None) -> PendingRecord | None:
         return None
 
 
-async def ensure_bucket(js: JetStreamContext, name: str, ttl_s: float) -> Any:
+async def ensure_bucket(js: JetStreamContext, name: str, ttl_s: float, replicas: int = 1) -> Any:
     """This service's own KV bucket, created on first use (file storage, one revision)."""
     try:
         return await js.key_value(name)
     except nats.js.errors.BucketNotFoundError:
         try:
             return await js.create_key_value(
-                KeyValueConfig(bucket=name, history=1, ttl=ttl_s, storage=StorageType.FILE)
+                KeyValueConfig(
+                    bucket=name, history=1, ttl=ttl_s, storage=StorageType.FILE, replicas=replicas
+                )
             )
         except nats.js.errors.BadRequestError:
             return await js.key_value(name)  # another replica created it first

@@ -143,7 +143,7 @@ class StatsPoller(ServiceBase):
 
     async def _setup_postmaster(self) -> None:
         s = self.settings
-        self.kv = await ensure_bucket(self.js)
+        self.kv = await ensure_bucket(self.js, replicas=s.jetstream_replicas)
         sleep = self._stop_sleep
         metrics = self.postmaster_metrics
         tokens = TokenSource(
@@ -226,7 +226,7 @@ class StatsPoller(ServiceBase):
             await self.session.close()
 
 
-async def ensure_bucket(js: nats.js.JetStreamContext) -> KeyValue:
+async def ensure_bucket(js: nats.js.JetStreamContext, *, replicas: int = 1) -> KeyValue:
     """The ``stats-poller`` KV bucket (Postmaster cursors), created when missing."""
     try:
         return await js.key_value(KV_BUCKET)
@@ -234,7 +234,7 @@ async def ensure_bucket(js: nats.js.JetStreamContext) -> KeyValue:
         pass
     try:
         return await js.create_key_value(
-            KeyValueConfig(bucket=KV_BUCKET, history=1, storage=StorageType.FILE)
+            KeyValueConfig(bucket=KV_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas)
         )
     except nats.js.errors.BadRequestError:  # another replica created it first
         return await js.key_value(KV_BUCKET)
