@@ -96,7 +96,8 @@ async def test_messages_are_found_by_any_id_email_campaign_status_and_time_range
     assert [m["mailgate_id"] for m in page["items"]] == newest_first[3:]
     assert page["next_cursor"] is None
 
-    for bad in ("since=yesterday", "status=lost", "postal_id=x", f"since={until}&until={until}"):
+    bad_queries = ("since=yesterday", "status=lost", "postal_id=x", "cursor=not-an-id")
+    for bad in (*bad_queries, f"since={until}&until={until}"):
         status, problem, headers = await ledger.call("GET", f"/v1/messages?{bad}")
         assert status == 400 and headers["Content-Type"] == "application/problem+json", bad
         assert problem["status"] == 400 and problem["detail"]

@@ -11,7 +11,9 @@
   its claim after ``lease_s``. Once AMS confirmed, ``stats.campaign.autostopped`` is published
   (the sweep re-publishes it if that failed).
 * ``Control`` answers NATS requests: ``ams.control.resume`` ``{"campaign_id": "73"}`` calls
-  ``startMailing`` and re-arms the auto-stop; ``ams.control.autostops`` lists the markers.
+  ``startMailing`` and re-arms the auto-stop; ``ams.control.stop`` calls ``stopMailing`` for
+  an operator (the marker records it as a ``manual`` stop, so resume works the same way);
+  ``ams.control.autostops`` lists the markers.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ log = structlog.get_logger()
 KV_CAMPAIGN_COUNTERS = "campaign-counters"
 KV_CAMPAIGN_AUTOSTOP = "campaign-autostop"
 CONTROL_RESUME = "ams.control.resume"
+CONTROL_STOP = "ams.control.stop"
 CONTROL_AUTOSTOPS = "ams.control.autostops"
 CONTROL_QUEUE = "ams-reporter"
 
@@ -339,6 +342,45 @@ class AutoStopper:
                 found.append(marker)
         return found
 
+    # --- stopping by hand (operator console, admin API) -----------------------------------
+
+    async def stop_manually(self, campaign_id: str, *, requested_by: str = "") -> dict[str, Any]:
+        """``stopMailing`` now, with this process's AMS client; the marker then says
+        ``stopped`` (reason ``manual``), so the auto-stop stays quiet and resume starts it."""
+        key = campaign_key(campaign_id)
+        marker, revision = await self._get(key)
+        if marker is not None and marker.state == "stopping":
+            return problem(409, "Conflict", f"campaign {campaign_id} is being stopped already")
+        if self._ams is None:
+            return problem(503, "Service unavailable", "AMS API not configured")
+        try:
+            await self._ams.stop_mailing(mailing_id(campaign_id))
+        except AmsError as exc:
+            log.warning("campaign manual stop failed", campaign_id=campaign_id, error=str(exc))
+            return problem(502, "Bad gateway", f"AMS stopMailing failed: {exc}")
+        for _ in range(5):
+            if marker is not None and marker.state == "stopped":
+                break  # stopped already (automatically or by hand): AMS was told again
+            new = AutoStopMarker(
+                campaign_id=campaign_id,
+                account_id=marker.account_id if marker is not None else "",
+                mailing_id=str(mailing_id(campaign_id)),
+                state="stopped",
+                generation=marker.generation + 1 if marker is not None else 1,
+                reason="manual",
+                attempts=1,
+                stopped_at=time.time(),
+                published=True,  # not an automatic stop: no stats.campaign.autostopped
+                counts=marker.counts if marker is not None else Counts(),
+            )
+            if await self._put(key, new, revision) is not None:
+                marker = new
+                break
+            marker, revision = await self._get(key)
+        log.warning("campaign stopped by hand", campaign_id=campaign_id, requested_by=requested_by)
+        assert marker is not None
+        return marker_view(marker) | {"requested_by": requested_by}
+
     # --- resuming ------------------------------------------------------------------------
 
     async def resume(self, campaign_id: str, *, requested_by: str = "") -> dict[str, Any]:
@@ -482,6 +524,9 @@ class Control:
             await self._nc.subscribe(CONTROL_RESUME, queue=CONTROL_QUEUE, cb=self._on_resume)
         )
         self._subs.append(
+            await self._nc.subscribe(CONTROL_STOP, queue=CONTROL_QUEUE, cb=self._on_stop)
+        )
+        self._subs.append(
             await self._nc.subscribe(CONTROL_AUTOSTOPS, queue=CONTROL_QUEUE, cb=self._on_list)
         )
         await self._nc.flush(timeout=5)  # subscribed on the server before start() returns
@@ -506,6 +551,12 @@ class Control:
                 await msg.respond(json.dumps(answer).encode())
 
     async def _on_resume(self, msg: Msg) -> None:
+        await self._on_control(msg, "resume")
+
+    async def _on_stop(self, msg: Msg) -> None:
+        await self._on_control(msg, "stop")
+
+    async def _on_control(self, msg: Msg, action: str) -> None:
         body = self._body(msg)
         campaign_id = str(body.get("campaign_id") or "").strip() if body is not None else ""
         if not campaign_id:
@@ -514,12 +565,14 @@ class Control:
             )
             return
         assert body is not None
+        requested_by = str(body.get("requested_by") or "")
         try:
-            answer = await self._stopper.resume(
-                campaign_id, requested_by=str(body.get("requested_by") or "")
-            )
+            if action == "stop":
+                answer = await self._stopper.stop_manually(campaign_id, requested_by=requested_by)
+            else:
+                answer = await self._stopper.resume(campaign_id, requested_by=requested_by)
         except Exception as exc:
-            log.exception("resume crashed", campaign_id=campaign_id)
+            log.exception("campaign control crashed", campaign_id=campaign_id, action=action)
             answer = problem(500, "Internal error", type(exc).__name__)
         await self._reply(msg, answer)
 

@@ -15,7 +15,10 @@
                            [--postal-id N] [--account-id A] [--status S] [--since T]
                            [--until T] [--limit N] [--cursor C]
     mailgate messages get|timeline MAILGATE_ID
-    mailgate campaigns stats CAMPAIGN_ID
+    mailgate campaigns stats|autostops CAMPAIGN_ID
+    mailgate campaigns stop|resume CAMPAIGN_ID [--requested-by NAME]   (AMS, via ams-reporter)
+    mailgate operators create USERNAME [--role admin|viewer] [--account-id A] [--password-stdin]
+    mailgate operators list | disable|enable OPERATOR_ID | set-password OPERATOR_ID
     mailgate webhook set URL [--event E]... | get | delete URL   --account-token TOKEN
     mailgate dead-letters list [--account-id A] [--endpoint-id E] [--state S] [--limit N]
     mailgate dead-letters get|replay DEAD_LETTER_ID...
@@ -119,7 +122,30 @@ def _others(sub: Any) -> None:
     camp = sub.add_parser("campaigns", help="campaign statistics").add_subparsers(
         dest="action", required=True
     )
-    camp.add_parser("stats").add_argument("campaign_id")
+    for action in ("stats", "autostops"):
+        camp.add_parser(action).add_argument("campaign_id")
+    for action in ("stop", "resume"):
+        control = camp.add_parser(action, help=f"{action} the AMS mailing (through ams-reporter)")
+        control.add_argument("campaign_id")
+        control.add_argument("--requested-by", default=os.environ.get("USER", ""))
+
+    ops = sub.add_parser("operators", help="operator console sign-ins").add_subparsers(
+        dest="action", required=True
+    )
+    create = ops.add_parser(
+        "create", help="create one (prints a generated password once unless --password-stdin)"
+    )
+    create.add_argument("username")
+    create.add_argument("--role", choices=("admin", "viewer"), default="admin")
+    create.add_argument("--account-id", help="the account a viewer may see (viewers only)")
+    create.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin"
+    )
+    ops.add_parser("list")
+    for action in ("disable", "enable"):
+        ops.add_parser(action).add_argument("operator_id")
+    setpw = ops.add_parser("set-password", help="read a new password from stdin")
+    setpw.add_argument("operator_id")
 
     hook = sub.add_parser("webhook", help="an account's webhook (account token)").add_subparsers(
         dest="action", required=True
@@ -321,12 +347,41 @@ def run(
             args, client, stdin or sys.stdin.buffer, stdout or sys.stdout.buffer
         ),
         "messages": lambda: _run_messages(args, client),
-        "campaigns": lambda: client.request("GET", f"/v1/campaigns/{_seg(args.campaign_id)}/stats"),
+        "campaigns": lambda: _run_campaigns(args, client),
+        "operators": lambda: _run_operators(args, client, stdin or sys.stdin.buffer),
         "webhook": lambda: _run_webhook(args, client),
         "dead-letters": lambda: _run_dead_letters(args, client),
         "health": lambda: _health(client),
     }
     return handlers[args.group]()
+
+
+def _run_campaigns(args: argparse.Namespace, client: AdminClient) -> Any:
+    path = f"/v1/campaigns/{_seg(args.campaign_id)}"
+    if args.action in ("stats", "autostops"):
+        return client.request("GET", f"{path}/{args.action}")
+    return client.request("POST", f"{path}/{args.action}", {"requested_by": args.requested_by})
+
+
+def _read_password(stdin: IO[bytes]) -> str:
+    return stdin.readline().decode("utf-8").rstrip("\r\n")
+
+
+def _run_operators(args: argparse.Namespace, client: AdminClient, stdin: IO[bytes]) -> Any:
+    a = args.action
+    if a == "create":
+        body: dict[str, Any] = {"username": args.username, "role": args.role}
+        if args.account_id:
+            body["account_id"] = args.account_id
+        if args.password_stdin:
+            body["password"] = _read_password(stdin)
+        return client.request("POST", "/v1/operators", body)
+    if a == "list":
+        return client.request("GET", "/v1/operators")
+    path = f"/v1/operators/{_seg(args.operator_id)}"
+    if a == "set-password":
+        return client.request("PATCH", path, {"password": _read_password(stdin)})
+    return client.request("PATCH", path, {"disabled": a == "disable"})
 
 
 def _health(client: AdminClient) -> Any:

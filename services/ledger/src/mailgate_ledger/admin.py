@@ -34,7 +34,7 @@ from mailgate_core.ids import is_ulid, new_ulid, ulid_time_ms
 from mailgate_core.ops import Health
 from mailgate_core.passwords import generate_password, hash_password
 from mailgate_core.records import normalize_email
-from mailgate_core.schemas import StatusEvent, decode, encode
+from mailgate_core.schemas import MessageRef, StatusEvent, decode, encode
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -149,6 +149,10 @@ class CredentialIn(msgspec.Struct, kw_only=True):
 
 class CredentialPatch(msgspec.Struct, kw_only=True):
     disabled: bool | None = None
+    rate_per_second: float | msgspec.UnsetType | None = msgspec.UNSET
+    """``null`` removes the limit; absent leaves it as it is (the same for the others)."""
+    daily_limit: int | msgspec.UnsetType | None = msgspec.UNSET
+    allowed_ips: list[str] | msgspec.UnsetType = msgspec.UNSET
 
 
 class SuppressionIn(msgspec.Struct, kw_only=True):
@@ -179,7 +183,7 @@ async def read_json(request: web.Request, cls: type[T]) -> T:
         return msgspec.json.decode(body, type=cls)
     except msgspec.ValidationError as exc:
         raise bad_request(str(exc)) from None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: a JSON bomb
         raise bad_request("the body is not valid JSON", "invalid-json") from None
 
 
@@ -471,6 +475,7 @@ class AdminContext:
     outbox: Outbox | None = None
     partitions: PartitionKeeper | None = None
     health: Health | None = None
+    domain: str = "localhost"
 
 
 CONTEXT = web.AppKey("ledger_admin", AdminContext)
@@ -546,6 +551,14 @@ def make_admin_app(context: AdminContext) -> web.Application:
     r.add_get("/v1/campaigns/{campaign_id}/stats", campaign_stats)
     r.add_get("/v1/campaigns/{campaign_id}/autostops", campaign_autostops)
     r.add_post("/v1/campaigns/{campaign_id}/resume", resume_campaign)
+    r.add_post("/v1/campaigns/{campaign_id}/stop", stop_campaign)
+    r.add_get("/v1/campaigns", list_campaigns)
+    r.add_get("/v1/overview", get_overview)
+    r.add_post("/v1/accounts/{account_id}/webhooks", add_account_webhook)
+    r.add_post("/v1/accounts/{account_id}/webhooks/{endpoint_id}/test", test_account_webhook)
+    r.add_post("/v1/operators", create_operator)
+    r.add_get("/v1/operators", list_operators)
+    r.add_patch("/v1/operators/{operator_id}", patch_operator)
     r.add_get("/v1/dead-letters", list_dead_letters)
     r.add_post("/v1/dead-letters/replay", replay_dead_letters)
     r.add_get("/v1/dead-letters/{dead_letter_id}", get_dead_letter)
@@ -574,11 +587,15 @@ async def _account_or_404(conn: asyncpg.Connection, account_id: str) -> Mapping[
 
 async def create_account(request: web.Request) -> web.Response:
     body = await read_json(request, AccountIn)
+    return json_response(await account_create(_ctx(request), body), status=201)
+
+
+async def account_create(ctx: AdminContext, body: AccountIn) -> dict[str, Any]:
+    """Create an account; its view plus the api token (shown once)."""
     name = clean_name(body.name)
     domains = clean_domains(body.allowed_sender_domains)
     postal_key = (body.postal_api_key or "").strip() or None
     token = new_api_token()
-    ctx = _ctx(request)
     async with ctx.pool.acquire() as conn:
         row = await store.insert_account(
             conn,
@@ -592,7 +609,7 @@ async def create_account(request: web.Request) -> web.Response:
         )
     await ctx.kv.put_account(account_record(row))
     log.info("account created", account_id=row["id"])
-    return json_response(account_view(row) | {"api_token": token}, status=201)
+    return account_view(row) | {"api_token": token}
 
 
 async def list_accounts(request: web.Request) -> web.Response:
@@ -612,6 +629,10 @@ async def get_account(request: web.Request) -> web.Response:
 
 async def patch_account(request: web.Request) -> web.Response:
     body = await read_json(request, AccountPatch)
+    return json_response(await account_patch(_ctx(request), request.match_info["account_id"], body))
+
+
+async def account_patch(ctx: AdminContext, account_id: str, body: AccountPatch) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     if body.name is not None:
         changes["name"] = clean_name(body.name)
@@ -623,15 +644,13 @@ async def patch_account(request: web.Request) -> web.Response:
         changes["tracking"] = body.tracking
     if body.disabled is not None:
         changes["disabled"] = body.disabled
-    ctx = _ctx(request)
-    account_id = request.match_info["account_id"]
     async with ctx.pool.acquire() as conn:
         row = await store.update_account(conn, account_id, changes)
     if row is None:
         raise not_found(f"account {account_id!r}")
     await ctx.kv.put_account(account_record(row))
     log.info("account updated", account_id=account_id, fields=sorted(changes))
-    return json_response(account_view(row))
+    return account_view(row)
 
 
 async def rotate_api_token(request: web.Request) -> web.Response:
@@ -650,6 +669,14 @@ async def rotate_api_token(request: web.Request) -> web.Response:
 
 async def create_credential(request: web.Request) -> web.Response:
     body = await read_json(request, CredentialIn)
+    view = await credential_create(_ctx(request), request.match_info["account_id"], body)
+    return json_response(view, status=201)
+
+
+async def credential_create(
+    ctx: AdminContext, account_id: str, body: CredentialIn
+) -> dict[str, Any]:
+    """Create an SMTP credential; its view plus the generated password (shown once)."""
     name = clean_name(body.name)
     if body.rate_per_second is not None and body.rate_per_second <= 0:
         raise bad_request("rate_per_second must be positive")
@@ -662,8 +689,6 @@ async def create_credential(request: web.Request) -> web.Response:
         raise bad_request("username may hold letters, digits, '-', '_' and inner dots (max 64)")
     password = generate_password()
     password_hash = await asyncio.to_thread(hash_password, password)
-    ctx = _ctx(request)
-    account_id = request.match_info["account_id"]
     async with ctx.pool.acquire() as conn:
         await _account_or_404(conn, account_id)
         row = None
@@ -684,7 +709,7 @@ async def create_credential(request: web.Request) -> web.Response:
         raise Problem(409, "Conflict", "that username is taken", slug="username-taken")
     await ctx.kv.put_credential(credential_record(row))
     log.info("credential created", account_id=account_id, username=row["username"])
-    return json_response(credential_view(row) | {"password": password}, status=201)
+    return credential_view(row) | {"password": password}
 
 
 async def list_credentials(request: web.Request) -> web.Response:
@@ -696,23 +721,61 @@ async def list_credentials(request: web.Request) -> web.Response:
 
 
 async def _set_credential_disabled(request: web.Request, disabled: bool) -> web.Response:
-    ctx = _ctx(request)
-    account_id = request.match_info["account_id"]
-    username = request.match_info["username"]
+    m = request.match_info
+    view = await credential_set_disabled(_ctx(request), m["account_id"], m["username"], disabled)
+    return json_response(view)
+
+
+async def credential_set_disabled(
+    ctx: AdminContext, account_id: str, username: str, disabled: bool
+) -> dict[str, Any]:
     async with ctx.pool.acquire() as conn:
         row = await store.set_credential_disabled(conn, account_id, username, disabled)
     if row is None:
         raise not_found(f"credential {username!r}")
     await ctx.kv.put_credential(credential_record(row))
     log.info("credential updated", account_id=account_id, username=username, disabled=disabled)
-    return json_response(credential_view(row))
+    return credential_view(row)
 
 
 async def patch_credential(request: web.Request) -> web.Response:
     body = await read_json(request, CredentialPatch)
-    if body.disabled is None:
-        raise bad_request("nothing to change (supported: disabled)")
-    return await _set_credential_disabled(request, body.disabled)
+    m = request.match_info
+    limits = {
+        name: getattr(body, name)
+        for name in ("rate_per_second", "daily_limit", "allowed_ips")
+        if getattr(body, name) is not msgspec.UNSET
+    }
+    if body.disabled is None and not limits:
+        raise bad_request(
+            "nothing to change (supported: disabled, rate_per_second, daily_limit, allowed_ips)"
+        )
+    view: dict[str, Any] = {}
+    if limits:
+        view = await credential_set_limits(_ctx(request), m["account_id"], m["username"], limits)
+    if body.disabled is not None:
+        return await _set_credential_disabled(request, body.disabled)
+    return json_response(view)
+
+
+async def credential_set_limits(
+    ctx: AdminContext, account_id: str, username: str, limits: dict[str, Any]
+) -> dict[str, Any]:
+    """Change a credential's rate, daily limit or allowed IPs (``None`` removes a limit)."""
+    changes = dict(limits)
+    if changes.get("rate_per_second") is not None and changes["rate_per_second"] <= 0:
+        raise bad_request("rate_per_second must be positive")
+    if changes.get("daily_limit") is not None and changes["daily_limit"] <= 0:
+        raise bad_request("daily_limit must be positive")
+    if "allowed_ips" in changes:
+        changes["allowed_ips"] = clean_ips(changes["allowed_ips"] or [])
+    async with ctx.pool.acquire() as conn:
+        row = await store.update_credential(conn, account_id, username, changes)
+    if row is None:
+        raise not_found(f"credential {username!r}")
+    await ctx.kv.put_credential(credential_record(row))
+    log.info("credential limits updated", account_id=account_id, username=username)
+    return credential_view(row)
 
 
 async def delete_credential(request: web.Request) -> web.Response:
@@ -732,9 +795,11 @@ async def get_credential(request: web.Request) -> web.Response:
 
 async def rotate_credential_password(request: web.Request) -> web.Response:
     """A new generated password (shown once); the old one stops working at once."""
-    ctx = _ctx(request)
-    account_id = request.match_info["account_id"]
-    username = request.match_info["username"]
+    m = request.match_info
+    return json_response(await credential_rotate(_ctx(request), m["account_id"], m["username"]))
+
+
+async def credential_rotate(ctx: AdminContext, account_id: str, username: str) -> dict[str, Any]:
     password = generate_password()
     password_hash = await asyncio.to_thread(hash_password, password)
     async with ctx.pool.acquire() as conn:
@@ -743,7 +808,7 @@ async def rotate_credential_password(request: web.Request) -> web.Response:
         raise not_found(f"credential {username!r}")
     await ctx.kv.put_credential(credential_record(row))
     log.info("credential password rotated", account_id=account_id, username=username)
-    return json_response(credential_view(row) | {"password": password})
+    return credential_view(row) | {"password": password}
 
 
 # --- suppressions ------------------------------------------------------------------------
@@ -767,7 +832,11 @@ async def list_suppressions(request: web.Request) -> web.StreamResponse:
     async with ctx.pool.acquire() as conn:
         await _account_or_404(conn, account_id)
         rows = await store.list_suppressions(
-            conn, account_id, limit=limit, cursor=request.query.get("cursor")
+            conn,
+            account_id,
+            limit=limit,
+            cursor=request.query.get("cursor"),
+            prefix=request.query.get("prefix", "").strip().lower() or None,
         )
     next_cursor = rows[-1]["email"] if len(rows) == limit else None
     return json_response({"items": [suppression_view(r) for r in rows], "next_cursor": next_cursor})
@@ -908,10 +977,16 @@ async def _request_lines(request: web.Request) -> AsyncIterator[str]:
 
 
 async def _import_suppressions(request: web.Request, ctx: AdminContext, account_id: str) -> Any:
-    """Streams a CSV upload into Postgres; KV follows in the background."""
+    return await suppressions_import(ctx, account_id, _request_lines(request))
+
+
+async def suppressions_import(
+    ctx: AdminContext, account_id: str, lines: AsyncIterator[str]
+) -> dict[str, Any]:
+    """Streams CSV lines into Postgres; KV follows in the background."""
     spool = CsvSpool()
     try:
-        async for line in _request_lines(request):
+        async for line in lines:
             spool.feed(line)
         if spool.error_count:
             raise spool.problem()
@@ -948,13 +1023,21 @@ async def add_suppressions(request: web.Request) -> web.Response:
     if request.content_type in ("text/csv", "application/csv"):
         return json_response(await _import_suppressions(request, ctx, account_id))
     body = await read_json(request, SuppressionIn)
+    view, added = await suppression_add(ctx, account_id, body)
+    return json_response(view, status=201 if added else 200)
+
+
+async def suppression_add(
+    ctx: AdminContext, account_id: str, body: SuppressionIn
+) -> tuple[dict[str, Any], bool]:
+    """Add (or re-reason) one suppression; (its view, whether it is new)."""
     entries = [(clean_email(body.email), clean_reason(body.reason))]
     async with ctx.pool.acquire() as conn:
         rows = await store.upsert_suppressions(conn, account_id, entries)
     await ctx.kv.put_suppressions([suppression_record(r) for r in rows])
     added = sum(1 for r in rows if r["inserted"])
     log.info("suppression added", account_id=account_id, new=added)
-    return json_response(suppression_view(rows[0]), status=201 if added else 200)
+    return suppression_view(rows[0]), bool(added)
 
 
 async def remove_suppression(request: web.Request) -> web.Response:
@@ -964,6 +1047,10 @@ async def remove_suppression(request: web.Request) -> web.Response:
         email = clean_email(request.query["email"])
     else:
         email = clean_email((await read_json(request, EmailIn)).email)
+    return json_response(await suppression_remove(ctx, account_id, email))
+
+
+async def suppression_remove(ctx: AdminContext, account_id: str, email: str) -> dict[str, Any]:
     async with ctx.pool.acquire() as conn:
         await _account_or_404(conn, account_id)
         deleted = await store.delete_suppression(conn, account_id, email)
@@ -971,7 +1058,7 @@ async def remove_suppression(request: web.Request) -> web.Response:
         raise not_found(f"suppression of {email!r}")
     await ctx.kv.delete_suppression(account_id, email)
     log.info("suppression removed", account_id=account_id)
-    return json_response({"email": email, "deleted": True})
+    return {"email": email, "deleted": True}
 
 
 async def list_account_webhooks(request: web.Request) -> web.Response:
@@ -1009,19 +1096,11 @@ def parse_time(raw: str, name: str) -> dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
-def _int_query(request: web.Request, name: str) -> int | None:
-    raw = request.query.get(name)
-    if not raw:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise bad_request(f"{name} must be an integer") from None
-
-
-async def _message_detail(conn: asyncpg.Connection, mailgate_id: str) -> tuple[Any, list[Any]]:
+async def _message_detail(
+    conn: asyncpg.Connection, mailgate_id: str, *, account_id: str | None = None
+) -> tuple[Any, list[Any]]:
     row = await store.get_message(conn, mailgate_id)
-    if row is None:
+    if row is None or (account_id is not None and row["account_id"] != account_id):
         raise not_found(f"message {mailgate_id!r}")
     events = await store.message_events(
         conn, mailgate_id, recorded_since=_recorded_since(mailgate_id)
@@ -1041,32 +1120,54 @@ async def message_timeline(request: web.Request) -> web.Response:
     the webhook deliveries that were dead-lettered."""
     mailgate_id = request.match_info["mailgate_id"]
     async with _ctx(request).pool.acquire() as conn:
-        row, events = await _message_detail(conn, mailgate_id)
-        dead = await store.list_dead_letters(
-            conn,
-            account_id=None,
-            endpoint_id=None,
-            mailgate_id=mailgate_id,
-            replayed=None,
-            limit=100,
-            cursor=None,
-        )
-    return json_response(
-        {
-            "mailgate_id": row["mailgate_id"],
-            "external_id": row["external_id"],
-            "campaign_id": row["campaign_id"],
-            "recipient": row["recipient"],
-            "status": row["status"],
-            "timeline": [timeline_entry(e) for e in events],
-            "dead_letters": [dead_letter_view(d) for d in dead],
-        }
+        answer, _row, _events = await message_timeline_data(conn, mailgate_id)
+    return json_response(answer)
+
+
+async def message_timeline_data(
+    conn: asyncpg.Connection, mailgate_id: str, *, account_id: str | None = None
+) -> tuple[dict[str, Any], Any, list[Any]]:
+    """The timeline answer, the message row and its facts; ``account_id`` hides other
+    accounts' messages (404)."""
+    row, events = await _message_detail(conn, mailgate_id, account_id=account_id)
+    dead = await store.list_dead_letters(
+        conn,
+        account_id=None,
+        endpoint_id=None,
+        mailgate_id=mailgate_id,
+        replayed=None,
+        limit=100,
+        cursor=None,
     )
+    answer: dict[str, Any] = {
+        "mailgate_id": row["mailgate_id"],
+        "external_id": row["external_id"],
+        "campaign_id": row["campaign_id"],
+        "recipient": row["recipient"],
+        "status": row["status"],
+        "timeline": [timeline_entry(e) for e in events],
+        "dead_letters": [dead_letter_view(d) for d in dead],
+    }
+    return answer, row, events
 
 
 async def find_messages(request: web.Request) -> web.Response:
-    q = request.query
     limit = _limit(request)
+    async with _ctx(request).pool.acquire() as conn:
+        rows = await search_messages(conn, request.query, limit=limit)
+    next_cursor = rows[-1]["mailgate_id"] if len(rows) == limit else None
+    return json_response({"items": [message_view(r) for r in rows], "next_cursor": next_cursor})
+
+
+async def search_messages(
+    conn: asyncpg.Connection,
+    q: Mapping[str, str],
+    *,
+    limit: int,
+    account_id: str | None = None,
+) -> list[Any]:
+    """``GET /v1/messages`` query parameters -> rows, newest first (raises a 400 Problem).
+    ``account_id`` (a viewer's account) overrides any ``account_id`` asked for."""
     status = q.get("status") or None
     if status is not None and status not in STATUS_RANK:
         raise bad_request(f"unknown status {status!r}")
@@ -1075,38 +1176,52 @@ async def find_messages(request: web.Request) -> web.Response:
     until = parse_time(q["until"], "until") if q.get("until") else None
     if since is not None and until is not None and since >= until:
         raise bad_request("since must be before until")
-    async with _ctx(request).pool.acquire() as conn:
-        rows = await store.find_messages(
-            conn,
-            any_id=any_id.upper() if any_id and is_ulid(any_id) else any_id,
-            any_postal_id=int(any_id) if any_id and any_id.isdigit() and len(any_id) < 19 else None,
-            external_id=q.get("external_id") or None,
-            email=q.get("email") or None,
-            campaign_id=q.get("campaign_id") or None,
-            postal_id=_int_query(request, "postal_id"),
-            account_id=q.get("account_id") or None,
-            status=status,
-            min_id=ulid_prefix(since) if since else None,
-            max_id=ulid_prefix(until) if until else None,
-            limit=limit,
-            cursor=q.get("cursor") or None,
-        )
-    next_cursor = rows[-1]["mailgate_id"] if len(rows) == limit else None
-    return json_response({"items": [message_view(r) for r in rows], "next_cursor": next_cursor})
+    postal_id_raw = q.get("postal_id", "").strip()
+    if postal_id_raw and not postal_id_raw.isdigit():
+        raise bad_request("postal_id must be an integer")
+    cursor = q.get("cursor") or None
+    if cursor is not None and not is_ulid(cursor):
+        raise bad_request("cursor must be the next_cursor of a previous page")
+    return await store.find_messages(
+        conn,
+        any_id=any_id.upper() if any_id and is_ulid(any_id) else any_id,
+        any_postal_id=int(any_id) if any_id and any_id.isdigit() and len(any_id) < 19 else None,
+        external_id=q.get("external_id") or None,
+        email=q.get("email") or None,
+        campaign_id=q.get("campaign_id") or None,
+        postal_id=int(postal_id_raw) if postal_id_raw else None,
+        account_id=account_id or q.get("account_id") or None,
+        status=status,
+        min_id=ulid_prefix(since) if since else None,
+        max_id=ulid_prefix(until) if until else None,
+        limit=limit,
+        cursor=cursor.upper() if cursor else None,
+    )
 
 
 async def campaign_stats(request: web.Request) -> web.Response:
     campaign_id = request.match_info["campaign_id"]
+    account_id = request.query.get("account_id") or None
     async with _ctx(request).pool.acquire() as conn:
-        statuses = await store.campaign_statuses(conn, campaign_id)
-        events = await store.campaign_events(conn, campaign_id)
-        non_machine = await store.campaign_unique_non_machine(conn, campaign_id, ENGAGEMENT)
-    return json_response(campaign_stats_view(campaign_id, statuses, events, non_machine))
+        return json_response(await campaign_stats_data(conn, campaign_id, account_id=account_id))
+
+
+async def campaign_stats_data(
+    conn: asyncpg.Connection, campaign_id: str, *, account_id: str | None = None
+) -> dict[str, Any]:
+    """Campaign statistics, of one account's messages only when ``account_id`` is given."""
+    statuses = await store.campaign_statuses(conn, campaign_id, account_id=account_id)
+    events = await store.campaign_events(conn, campaign_id, account_id=account_id)
+    non_machine = await store.campaign_unique_non_machine(
+        conn, campaign_id, ENGAGEMENT, account_id=account_id
+    )
+    return campaign_stats_view(campaign_id, statuses, events, non_machine)
 
 
 # --- automatic campaign stops (ams-reporter, docs/autostop.md) --------------------------
 
 CONTROL_RESUME = "ams.control.resume"
+CONTROL_STOP = "ams.control.stop"
 CONTROL_TIMEOUT_S = 30.0  # ams-reporter retries busy AMS calls; docs/autostop.md allows ~60 s
 #: "no responders" right after ams-reporter (re)subscribed is retried this often, quickly.
 CONTROL_ATTEMPTS = 5
@@ -1181,14 +1296,38 @@ async def control_request(nc: NATS | None, subject: str, payload: bytes) -> byte
     raise unavailable
 
 
+async def campaign_control(
+    ctx: AdminContext, subject: str, campaign_id: str, requested_by: str
+) -> dict[str, Any]:
+    """Ask ams-reporter (``ams.control.resume|stop``) to start or stop the campaign's AMS
+    mailing with its AMS client; its answer, or the Problem it reported."""
+    payload = _json.encode({"campaign_id": campaign_id, "requested_by": requested_by})
+    reply = control_reply(await control_request(ctx.nc, subject, payload))
+    log.info(
+        "campaign control requested",
+        action=subject.rsplit(".", 1)[-1],
+        campaign_id=campaign_id,
+        requested_by=requested_by,
+    )
+    return reply
+
+
 async def resume_campaign(request: web.Request) -> web.Response:
     """Resume an automatically stopped campaign through ams-reporter (``startMailing``)."""
     campaign_id = request.match_info["campaign_id"]
     body = await read_json(request, ResumeIn) if (await request.read()).strip() else ResumeIn()
-    payload = _json.encode({"campaign_id": campaign_id, "requested_by": body.requested_by})
-    reply = control_reply(await control_request(_ctx(request).nc, CONTROL_RESUME, payload))
-    log.info("campaign resume requested", campaign_id=campaign_id, requested_by=body.requested_by)
-    return json_response(reply)
+    return json_response(
+        await campaign_control(_ctx(request), CONTROL_RESUME, campaign_id, body.requested_by)
+    )
+
+
+async def stop_campaign(request: web.Request) -> web.Response:
+    """Stop a campaign's AMS mailing through ams-reporter (``stopMailing``)."""
+    campaign_id = request.match_info["campaign_id"]
+    body = await read_json(request, ResumeIn) if (await request.read()).strip() else ResumeIn()
+    return json_response(
+        await campaign_control(_ctx(request), CONTROL_STOP, campaign_id, body.requested_by)
+    )
 
 
 # --- postmaster ----------------------------------------------------------------------------
@@ -1420,6 +1559,13 @@ async def register_webhook(request: web.Request) -> web.Response:
     async with ctx.pool.acquire() as conn:
         account = await _webhook_account(request, conn)
     body = await read_json(request, WebhookIn)
+    row = await endpoint_register(ctx, account["id"], body)
+    return json_response(endpoint_view(row, secret=True), status=201 if row["inserted"] else 200)
+
+
+async def endpoint_register(ctx: AdminContext, account_id: str, body: WebhookIn) -> Any:
+    """Add (or re-enable and update) an account's webhook endpoint; the row, with
+    ``inserted``."""
     try:
         host = parse_url(body.url)
         events = canonical_events(body.events or [])
@@ -1431,16 +1577,16 @@ async def register_webhook(request: web.Request) -> web.Response:
         row = await store.upsert_endpoint(
             conn,
             endpoint_id=new_ulid(),
-            account_id=account["id"],
+            account_id=account_id,
             url=body.url.strip(),
             secret=new_secret(),
             events=events,
             batch=body.batch,
             legacy_complained_spelling=body.legacy_complained_spelling,
         )
-    await ctx.kv.put_endpoints_of(account["id"])
-    log.info("webhook registered", account_id=account["id"], endpoint_id=row["id"])
-    return json_response(endpoint_view(row, secret=True), status=201 if row["inserted"] else 200)
+    await ctx.kv.put_endpoints_of(account_id)
+    log.info("webhook registered", account_id=account_id, endpoint_id=row["id"])
+    return row
 
 
 async def get_webhook(request: web.Request) -> web.Response:
@@ -1469,3 +1615,330 @@ async def delete_webhook(request: web.Request) -> web.Response:
     await ctx.kv.put_endpoints_of(account["id"])
     log.info("webhook disabled", account_id=account["id"], endpoint_id=row["id"])
     return json_response({"url": row["url"], "enabled": False})
+
+
+# --- campaigns, overview ---------------------------------------------------------------------
+
+#: Campaign lists look this far back by default (a keyset range of the messages table).
+CAMPAIGN_WINDOW = dt.timedelta(days=7)
+
+
+def campaign_row_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "campaign_id": row["campaign_id"],
+        "messages": int(row["messages"]),
+        "bounced": int(row["bounced"]),
+        "complained": int(row["complained"]),
+        "engaged": int(row["engaged"]),
+        "last_message_at": _iso(
+            dt.datetime.fromtimestamp(ulid_time_ms(row["last_mailgate_id"]) / 1000, tz=dt.UTC)
+        )
+        if is_ulid(row["last_mailgate_id"])
+        else None,
+    }
+
+
+async def campaigns_data(
+    conn: asyncpg.Connection,
+    *,
+    since: dt.datetime,
+    account_id: str | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    rows = await store.list_campaigns(
+        conn, min_id=ulid_prefix(since), account_id=account_id, limit=limit
+    )
+    return [campaign_row_view(r) for r in rows]
+
+
+async def list_campaigns(request: web.Request) -> web.Response:
+    """Campaigns with messages since ``since`` (default: 7 days), most recently active first."""
+    q = request.query
+    since = parse_time(q["since"], "since") if q.get("since") else _now() - CAMPAIGN_WINDOW
+    limit = _limit(request, default=50, maximum=500)
+    async with _ctx(request).pool.acquire() as conn:
+        items = await campaigns_data(
+            conn, since=since, account_id=q.get("account_id") or None, limit=limit
+        )
+    return json_response({"items": items})
+
+
+def ams_mailing_view(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    data = dict(row["data"] or {})
+    keep = ("mailing_id", "name", "state", "approx_speed_per_min", "percent_done", "total")
+    counts = ("sent", "not_sent", "bad", "refused", "excluded", "opened", "clicks")
+    return {k: data.get(k) for k in keep} | {
+        "counts": {k: data.get(k, 0) for k in counts},
+        "polled_at": _iso(row["occurred_at"]),
+    }
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def day_start(now: dt.datetime) -> dt.datetime:
+    return now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+async def overview_data(
+    conn: asyncpg.Connection, *, since: dt.datetime, account_id: str | None = None
+) -> dict[str, Any]:
+    """Messages accepted since ``since`` by status, customer events recorded since then
+    (with opens and clicks split by audience) and their rates."""
+    min_id = ulid_prefix(since)
+    statuses = await store.message_statuses(conn, min_id=min_id, account_id=account_id)
+    events = await store.recent_events(
+        conn, recorded_since=since, account_id=account_id, min_id=min_id
+    )
+    non_machine = {
+        name: events.get((name, "human"), (0, 0))[1] + events.get((name, "unknown"), (0, 0))[1]
+        for name in ENGAGEMENT
+    }
+    view = campaign_stats_view("", statuses, events, non_machine)
+    view.pop("campaign_id")
+    return {"since": _iso(since), **view}
+
+
+async def get_overview(request: web.Request) -> web.Response:
+    """Today's (or since ``since``) messages by status, events and rates; backlogs."""
+    ctx = _ctx(request)
+    q = request.query
+    since = parse_time(q["since"], "since") if q.get("since") else day_start(_now())
+    async with ctx.pool.acquire() as conn:
+        body = await overview_data(conn, since=since, account_id=q.get("account_id") or None)
+    if ctx.js is not None:
+        body["pipeline"] = await pipeline_lag(ctx.js)
+    return json_response(body)
+
+
+#: The streams whose consumers make up the pipeline, in the order mail flows through them.
+PIPELINE_STREAMS = ("MAIL", "POSTAL", "TRACK", "STATUS", "STATS")
+
+
+def nats_time(value: Any) -> dt.datetime | None:
+    """A JetStream message time (RFC 3339 with nanoseconds, or a datetime) as a datetime."""
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    if not isinstance(value, str) or not value:
+        return None
+    head, dot, frac = value.rstrip("Z").partition(".")
+    digits = "".join(c for c in frac if c.isdigit())[:6]
+    try:
+        parsed = dt.datetime.fromisoformat(head + (f".{digits}" if dot and digits else ""))
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=dt.UTC)
+
+
+async def _message_time(js: JetStreamContext, stream: str, seq: int) -> dt.datetime | None:
+    if seq <= 0:
+        return None
+    try:
+        msg = await js.get_msg(stream, seq)
+    except (TimeoutError, nats.errors.Error, nats.js.errors.Error):
+        return None  # purged or expired meanwhile: no age to show
+    return nats_time(msg.time)
+
+
+async def pipeline_lag(js: JetStreamContext) -> list[dict[str, Any]]:
+    """Every durable consumer of the pipeline's streams: messages waiting and in flight and
+    the age of the oldest one not yet acknowledged (one stream message read per consumer
+    with a backlog), and when the stream last received a message."""
+    out: list[dict[str, Any]] = []
+    now = _now()
+    for stream in PIPELINE_STREAMS:
+        try:
+            info = await js.stream_info(stream)
+            consumers = await js.consumers_info(stream)
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            out.append({"stream": stream, "consumer": None, "error": str(exc) or repr(exc)})
+            continue
+        last_at = await _message_time(js, stream, info.state.last_seq or 0)
+        for consumer in sorted(consumers, key=lambda c: c.name or ""):
+            pending = consumer.num_pending or 0
+            in_flight = consumer.num_ack_pending or 0
+            lag_s = 0.0
+            if pending or in_flight:
+                floor = consumer.ack_floor.stream_seq if consumer.ack_floor else 0
+                oldest = await _message_time(js, stream, (floor or 0) + 1)
+                lag_s = max(0.0, (now - oldest).total_seconds()) if oldest else 0.0
+            out.append(
+                {
+                    "stream": stream,
+                    "consumer": consumer.name,
+                    "pending": pending,
+                    "ack_pending": in_flight,
+                    "redelivered": consumer.num_redelivered or 0,
+                    "lag_s": round(lag_s, 3),
+                    "stream_last_at": _iso(last_at),
+                }
+            )
+    return out
+
+
+# --- account webhooks (admin) ----------------------------------------------------------------
+
+
+async def add_account_webhook(request: web.Request) -> web.Response:
+    """Register a webhook endpoint for an account (as the account itself could)."""
+    ctx = _ctx(request)
+    account_id = request.match_info["account_id"]
+    async with ctx.pool.acquire() as conn:
+        await _account_or_404(conn, account_id)
+    body = await read_json(request, WebhookIn)
+    row = await endpoint_register(ctx, account_id, body)
+    return json_response(endpoint_view(row, secret=True), status=201 if row["inserted"] else 200)
+
+
+def test_status_event(account_id: str, endpoint_id: str, now: float) -> StatusEvent:
+    """A ``delivered`` event marked ``data.test`` for one endpoint only: ams-reporter signs
+    and delivers it like any other (a failure ends in the dead letters)."""
+    return StatusEvent(
+        event_id=f"test-{new_ulid()}",
+        occurred_at=now,
+        name="delivered",
+        timestamp=int(now),
+        message=MessageRef(
+            mailgate_id="00000000000000000000000000",
+            account_id=account_id,
+            recipient="test@example.com",
+            external_id="test",
+            campaign_id=None,
+        ),
+        data={"test": True},
+        endpoint_ids=[endpoint_id],
+    )
+
+
+async def endpoint_test_send(ctx: AdminContext, account_id: str, endpoint_id: str) -> str:
+    """Publish a test event to one endpoint of the account; its event id."""
+    async with ctx.pool.acquire() as conn:
+        rows = await store.list_endpoints(conn, account_id)
+    if not any(r["id"] == endpoint_id for r in rows):
+        raise not_found(f"webhook endpoint {endpoint_id!r}")
+    if ctx.js is None:
+        raise Problem(503, "Service unavailable", "NATS is not connected")
+    event = test_status_event(account_id, endpoint_id, time.time())
+    try:
+        await ctx.js.publish(
+            event.subject(), encode(event), timeout=5.0, headers={"Nats-Msg-Id": event.event_id}
+        )
+    except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+        raise Problem(
+            503, "Service unavailable", f"the test event was not published: {exc}"
+        ) from None
+    log.info("webhook test sent", account_id=account_id, endpoint_id=endpoint_id)
+    return event.event_id
+
+
+async def test_account_webhook(request: web.Request) -> web.Response:
+    m = request.match_info
+    event_id = await endpoint_test_send(_ctx(request), m["account_id"], m["endpoint_id"])
+    return json_response({"event_id": event_id, "queued": True}, status=202)
+
+
+# --- operators (console accounts) -------------------------------------------------------------
+
+OPERATOR_ROLES = ("admin", "viewer")
+_OPERATOR_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{2,64}$")
+MIN_OPERATOR_PASSWORD = 10
+
+
+class OperatorIn(msgspec.Struct, kw_only=True):
+    username: str
+    role: str = "admin"
+    account_id: str | None = None
+    password: str | None = None
+
+
+class OperatorPatch(msgspec.Struct, kw_only=True):
+    disabled: bool | None = None
+    password: str | None = None
+
+
+def operator_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "username": row["username"],
+        "role": row["role"],
+        "account_id": row["account_id"],
+        "disabled": row["disabled"],
+        "created_at": _iso(row["created_at"]),
+        "last_login_at": _iso(row["last_login_at"]),
+    }
+
+
+def clean_operator_password(password: str) -> str:
+    if len(password) < MIN_OPERATOR_PASSWORD or len(password) > 200:
+        raise bad_request(f"password must be {MIN_OPERATOR_PASSWORD} to 200 characters")
+    return password
+
+
+async def operator_create(ctx: AdminContext, body: OperatorIn) -> dict[str, Any]:
+    """Create a console operator; the view, plus the password when it was generated."""
+    username = body.username.strip()
+    if not _OPERATOR_NAME.match(username):
+        raise bad_request("username must be 2 to 64 letters, digits or . _ @ + -")
+    if body.role not in OPERATOR_ROLES:
+        raise bad_request("role must be admin or viewer")
+    account_id = (body.account_id or "").strip() or None
+    if (body.role == "viewer") != (account_id is not None):
+        raise bad_request("a viewer needs account_id (its account); an admin has none")
+    generated = body.password is None
+    password = generate_password() if generated else clean_operator_password(body.password or "")
+    password_hash = await asyncio.to_thread(hash_password, password)
+    async with ctx.pool.acquire() as conn:
+        if account_id is not None:
+            await _account_or_404(conn, account_id)
+        row = await store.insert_operator(
+            conn,
+            operator_id=new_ulid(),
+            username=username,
+            password_hash=password_hash,
+            role=body.role,
+            account_id=account_id,
+        )
+    if row is None:
+        raise Problem(409, "Conflict", "that username is taken", slug="username-taken")
+    log.info("operator created", operator_id=row["id"], role=body.role)
+    view = operator_view(row)
+    return view | {"password": password} if generated else view
+
+
+async def create_operator(request: web.Request) -> web.Response:
+    body = await read_json(request, OperatorIn)
+    return json_response(await operator_create(_ctx(request), body), status=201)
+
+
+async def list_operators(request: web.Request) -> web.Response:
+    async with _ctx(request).pool.acquire() as conn:
+        rows = await store.list_operators(conn)
+    return json_response({"items": [operator_view(r) for r in rows], "next_cursor": None})
+
+
+async def operator_patch(
+    ctx: AdminContext, operator_id: str, body: OperatorPatch
+) -> dict[str, Any]:
+    """Disable/enable an operator or set its password (either ends its sessions)."""
+    password_hash = None
+    if body.password is not None:
+        clean = clean_operator_password(body.password)
+        password_hash = await asyncio.to_thread(hash_password, clean)
+    async with ctx.pool.acquire() as conn:
+        row = await store.update_operator(
+            conn, operator_id, disabled=body.disabled, password_hash=password_hash
+        )
+    if row is None:
+        raise not_found(f"operator {operator_id!r}")
+    log.info("operator updated", operator_id=operator_id, disabled=row["disabled"])
+    return operator_view(row)
+
+
+async def patch_operator(request: web.Request) -> web.Response:
+    body = await read_json(request, OperatorPatch)
+    return json_response(
+        await operator_patch(_ctx(request), request.match_info["operator_id"], body)
+    )

@@ -15,6 +15,7 @@ from mailgate_core.service import ServiceBase
 from prometheus_client import CollectorRegistry
 
 from .admin import AdminContext, make_admin_app
+from .console import ConsoleConfig, add_console
 from .db import create_pool, ping
 from .ingest import CONSUMERS, Ingestor
 from .kvsync import KvCache, KvSync
@@ -43,6 +44,13 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     outbox_interval_s: float = 1.0
     kv_resync_interval_s: float = 3600.0
     retention_interval_s: float = 3600.0
+    grafana_url: str = ""
+    """Linked from the operator console's overview (empty: no link)."""
+    console_session_hours: float = 12.0
+    console_trust_proxy: bool = False
+    """Believe X-Forwarded-Proto/-For: the console is behind a TLS-terminating proxy."""
+    console_login_max_failures: int = 5
+    """Failed sign-ins per username (4x per client IP) per 15 minutes before a wait."""
 
     def validate(self) -> None:
         if not str(self.database_url).strip():
@@ -51,6 +59,11 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
             raise ConfigError("config error: ADMIN_TOKEN must be at least 16 characters")
         if self.batch_size < 1:
             raise ConfigError(f"config error: BATCH_SIZE={self.batch_size!r} must be positive")
+        if self.console_session_hours <= 0 or self.console_login_max_failures < 1:
+            raise ConfigError(
+                "config error: CONSOLE_SESSION_HOURS and CONSOLE_LOGIN_MAX_FAILURES must be "
+                "positive"
+            )
         if self.retention_days < 1:
             raise ConfigError(
                 f"config error: RETENTION_DAYS={self.retention_days!r} must be positive"
@@ -171,20 +184,31 @@ async def build(
             )
         )
 
-    admin = make_admin_app(
-        AdminContext(
-            pool=pool,
-            kv=kv,
-            admin_token=str(settings.admin_token),
-            allow_private_webhooks=settings.webhook_allow_private,
-            resolve=resolver,
-            js=service.js,
-            nc=service.nc,
-            metrics=metrics,
-            outbox=outbox,
-            partitions=partitions,
-            health=service.health,
-        )
+    admin_context = AdminContext(
+        pool=pool,
+        kv=kv,
+        admin_token=str(settings.admin_token),
+        allow_private_webhooks=settings.webhook_allow_private,
+        domain=settings.domain,
+        resolve=resolver,
+        js=service.js,
+        nc=service.nc,
+        metrics=metrics,
+        outbox=outbox,
+        partitions=partitions,
+        health=service.health,
+    )
+    admin = make_admin_app(admin_context)
+    add_console(
+        admin,
+        admin_context,
+        ConsoleConfig(
+            session_hours=settings.console_session_hours,
+            trust_proxy=settings.console_trust_proxy,
+            grafana_url=settings.grafana_url,
+            max_failures_per_user=settings.console_login_max_failures,
+            max_failures_per_ip=settings.console_login_max_failures * 4,
+        ),
     )
     service.add_http(admin, settings.admin_host, settings.admin_port)
 

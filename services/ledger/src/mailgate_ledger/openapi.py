@@ -117,9 +117,18 @@ def openapi_document() -> dict[str, Any]:
                     {"name": "username", "in": "path", "required": True, "schema": string},
                 ],
                 "patch": {
-                    "summary": "Enable or disable a credential",
+                    "summary": "Enable or disable a credential, or change its limits (null "
+                    "removes a limit; an absent field is left as it is)",
                     "requestBody": _body(
-                        {"type": "object", "properties": {"disabled": {"type": "boolean"}}}
+                        {
+                            "type": "object",
+                            "properties": {
+                                "disabled": {"type": "boolean"},
+                                "rate_per_second": {"type": ["number", "null"]},
+                                "daily_limit": {"type": ["integer", "null"]},
+                                "allowed_ips": {"type": "array", "items": string},
+                            },
+                        }
                     ),
                     "responses": {"200": _json(_ref("Credential")), **_ERRORS},
                 },
@@ -150,6 +159,12 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [
                         *_PAGING,
                         {"name": "format", "in": "query", "schema": {"enum": ["json", "csv"]}},
+                        {
+                            "name": "prefix",
+                            "in": "query",
+                            "description": "only addresses starting with this",
+                            "schema": string,
+                        },
                     ],
                     "responses": {
                         "200": {
@@ -195,6 +210,39 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "The account's webhook endpoints (secrets hidden)",
                     "responses": {"200": _json(_page("Webhook")), **_ERRORS},
+                },
+                "post": {
+                    "summary": "Register (or re-enable) a webhook endpoint for the account, as "
+                    "POST /v1/email/webhook does with the account's token",
+                    "requestBody": _body(_ref("WebhookIn")),
+                    "responses": {
+                        "201": _json(_ref("WebhookCreated"), "Created"),
+                        "200": _json(_ref("WebhookCreated"), "Updated"),
+                        **_ERRORS,
+                    },
+                },
+            },
+            "/v1/accounts/{account_id}/webhooks/{endpoint_id}/test": {
+                "parameters": [
+                    _ACCOUNT_ID,
+                    {"name": "endpoint_id", "in": "path", "required": True, "schema": string},
+                ],
+                "post": {
+                    "summary": "Send a test event (delivered, data.test = true) to this "
+                    "endpoint only, through ams-reporter; a failure ends in the dead letters",
+                    "responses": {
+                        "202": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "event_id": string,
+                                    "queued": {"type": "boolean"},
+                                },
+                            },
+                            "Queued",
+                        ),
+                        **_ERRORS,
+                    },
                 },
             },
             "/v1/messages": {
@@ -254,7 +302,13 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Counts per status and per event (opens and clicks split into "
                     "human, machine and unknown audiences), and rates",
                     "parameters": [
-                        {"name": "campaign_id", "in": "path", "required": True, "schema": string}
+                        {"name": "campaign_id", "in": "path", "required": True, "schema": string},
+                        {
+                            "name": "account_id",
+                            "in": "query",
+                            "description": "count only this account's messages",
+                            "schema": string,
+                        },
                     ],
                     "responses": {"200": _json(_ref("CampaignStats")), **_ERRORS},
                 }
@@ -304,6 +358,97 @@ def openapi_document() -> dict[str, Any]:
                         "409": _PROBLEM,
                         "502": _PROBLEM,
                     },
+                }
+            },
+            "/v1/campaigns/{campaign_id}/stop": {
+                "post": {
+                    "summary": "Stop the campaign's AMS mailing: ams-reporter calls AMS "
+                    "stopMailing with its AMS client (ams.control.stop) and marks the campaign "
+                    "stopped (reason manual; resume starts it again). Errors of ams-reporter "
+                    "are passed on (409 an automatic stop is in progress, 502 AMS refused); "
+                    "503 when ams-reporter is unavailable",
+                    "parameters": [
+                        {"name": "campaign_id", "in": "path", "required": True, "schema": string}
+                    ],
+                    "requestBody": {
+                        "required": False,
+                        "content": {"application/json": {"schema": _ref("ResumeRequest")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("AutoStopMarker")),
+                        **_ERRORS,
+                        "409": _PROBLEM,
+                        "502": _PROBLEM,
+                    },
+                }
+            },
+            "/v1/campaigns": {
+                "get": {
+                    "summary": "Campaigns with messages since `since` (default: the last 7 "
+                    "days), most recently active first",
+                    "parameters": [
+                        {"name": "since", "in": "query", "schema": string},
+                        {"name": "account_id", "in": "query", "schema": string},
+                        {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "items": {"type": "array", "items": _ref("CampaignSummary")}
+                                },
+                            }
+                        ),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/v1/overview": {
+                "get": {
+                    "summary": "Messages accepted since `since` (default: today, UTC) by "
+                    "status, customer events recorded since then with their rates (opens and "
+                    "clicks by audience), and the pipeline's consumers (backlog, lag)",
+                    "parameters": [
+                        {"name": "since", "in": "query", "schema": string},
+                        {"name": "account_id", "in": "query", "schema": string},
+                    ],
+                    "responses": {"200": _json({"type": "object"}), **_ERRORS},
+                }
+            },
+            "/v1/operators": {
+                "get": {
+                    "summary": "Operator console sign-ins",
+                    "responses": {"200": _json(_page("Operator")), **_ERRORS},
+                },
+                "post": {
+                    "summary": "Create an operator (admin, or viewer bound to account_id); "
+                    "without a password one is generated and returned once",
+                    "requestBody": _body(_ref("OperatorIn")),
+                    "responses": {
+                        "201": _json(_ref("Operator"), "Created"),
+                        **_ERRORS,
+                        "409": _PROBLEM,
+                    },
+                },
+            },
+            "/v1/operators/{operator_id}": {
+                "patch": {
+                    "summary": "Disable/enable an operator or set its password (either ends "
+                    "its console sessions)",
+                    "parameters": [
+                        {"name": "operator_id", "in": "path", "required": True, "schema": string}
+                    ],
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "disabled": {"type": "boolean"},
+                                "password": {"type": "string", "minLength": 10},
+                            },
+                        }
+                    ),
+                    "responses": {"200": _json(_ref("Operator")), **_ERRORS},
                 }
             },
             "/v1/dead-letters": {
@@ -794,6 +939,40 @@ def openapi_document() -> dict[str, Any]:
                         "kv_bulk_writes_running": {"type": "integer"},
                         "partitions": {"type": "object"},
                         "consumers": {"type": "object"},
+                    },
+                },
+                "CampaignSummary": {
+                    "type": "object",
+                    "properties": {
+                        "campaign_id": string,
+                        "messages": {"type": "integer"},
+                        "bounced": {"type": "integer"},
+                        "complained": {"type": "integer"},
+                        "engaged": {"type": "integer"},
+                        "last_message_at": nullable_string,
+                    },
+                },
+                "OperatorIn": {
+                    "type": "object",
+                    "required": ["username"],
+                    "properties": {
+                        "username": string,
+                        "role": {"enum": ["admin", "viewer"], "default": "admin"},
+                        "account_id": nullable_string,
+                        "password": {"type": ["string", "null"], "minLength": 10},
+                    },
+                },
+                "Operator": {
+                    "type": "object",
+                    "properties": {
+                        "id": string,
+                        "username": string,
+                        "role": {"enum": ["admin", "viewer"]},
+                        "account_id": nullable_string,
+                        "disabled": {"type": "boolean"},
+                        "created_at": string,
+                        "last_login_at": nullable_string,
+                        "password": {"type": "string", "description": "generated: shown once"},
                     },
                 },
                 "WebhookIn": {

@@ -141,6 +141,25 @@ async def set_credential_password(
     )
 
 
+_CREDENTIAL_LIMITS = ("rate_per_second", "daily_limit", "allowed_ips")
+
+
+async def update_credential(
+    conn: asyncpg.Connection, account_id: str, username: str, changes: dict[str, Any]
+) -> Row | None:
+    sets = [c for c in _CREDENTIAL_LIMITS if c in changes]
+    if not sets:
+        return await get_credential(conn, account_id, username)
+    assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(sets, start=3))
+    return await conn.fetchrow(  # type: ignore[no-any-return]
+        f"UPDATE credentials SET {assignments} WHERE account_id = $1 AND username = $2 "  # noqa: S608 - fixed names
+        "RETURNING *",
+        account_id,
+        username,
+        *(changes[c] for c in sets),
+    )
+
+
 async def set_credential_disabled(
     conn: asyncpg.Connection, account_id: str, username: str, disabled: bool
 ) -> Row | None:
@@ -232,15 +251,23 @@ async def find_messages(
 
 
 async def list_suppressions(
-    conn: asyncpg.Connection, account_id: str, *, limit: int | None, cursor: str | None
+    conn: asyncpg.Connection,
+    account_id: str,
+    *,
+    limit: int | None,
+    cursor: str | None,
+    prefix: str | None = None,
 ) -> list[Row]:
+    """In email order; ``prefix`` keeps the addresses starting with it."""
     return await conn.fetch(  # type: ignore[no-any-return]
         """SELECT account_id, email, reason, created_at FROM suppressions
            WHERE account_id = $1 AND ($2::text IS NULL OR email > $2)
+             AND ($4::text IS NULL OR (email >= $4 AND starts_with(email, $4)))
            ORDER BY email LIMIT $3""",
         account_id,
         cursor,
         limit,
+        prefix,
     )
 
 
@@ -339,16 +366,20 @@ async def disable_endpoint(conn: asyncpg.Connection, account_id: str, url: str) 
 # --- campaigns ---------------------------------------------------------------------------
 
 
-async def campaign_statuses(conn: asyncpg.Connection, campaign_id: str) -> dict[str, int]:
+async def campaign_statuses(
+    conn: asyncpg.Connection, campaign_id: str, *, account_id: str | None = None
+) -> dict[str, int]:
     rows = await conn.fetch(
-        "SELECT status, count(*) AS n FROM messages WHERE campaign_id = $1 GROUP BY status",
+        """SELECT status, count(*) AS n FROM messages
+           WHERE campaign_id = $1 AND ($2::text IS NULL OR account_id = $2) GROUP BY status""",
         campaign_id,
+        account_id,
     )
     return {r["status"]: int(r["n"]) for r in rows}
 
 
 async def campaign_events(
-    conn: asyncpg.Connection, campaign_id: str
+    conn: asyncpg.Connection, campaign_id: str, *, account_id: str | None = None
 ) -> dict[tuple[str, str | None], tuple[int, int]]:
     """(customer event, audience or None for all) -> (events, distinct messages).
 
@@ -365,9 +396,13 @@ async def campaign_events(
                              ELSE 'unknown' END AS audience
                  FROM events
                  WHERE campaign_id = $1 AND status_name IS NOT NULL
-                   AND NOT status_pending) AS e
+                   AND NOT status_pending
+                   AND ($2::text IS NULL OR mailgate_id IN (
+                        SELECT mailgate_id FROM messages
+                        WHERE campaign_id = $1 AND account_id = $2))) AS e
            GROUP BY GROUPING SETS ((name), (name, audience))""",
         campaign_id,
+        account_id,
     )
     out: dict[tuple[str, str | None], tuple[int, int]] = {}
     for r in rows:
@@ -397,7 +432,11 @@ async def campaign_autostops(
 
 
 async def campaign_unique_non_machine(
-    conn: asyncpg.Connection, campaign_id: str, names: Sequence[str]
+    conn: asyncpg.Connection,
+    campaign_id: str,
+    names: Sequence[str],
+    *,
+    account_id: str | None = None,
 ) -> dict[str, int]:
     """Per event name: distinct messages with at least one event not judged automated."""
     rows = await conn.fetch(
@@ -405,9 +444,12 @@ async def campaign_unique_non_machine(
            FROM events
            WHERE campaign_id = $1 AND status_name = ANY($2::text[]) AND NOT status_pending
              AND coalesce(status_data->>'audience', 'unknown') NOT IN ('prefetch', 'scanner')
+             AND ($3::text IS NULL OR mailgate_id IN (
+                  SELECT mailgate_id FROM messages WHERE campaign_id = $1 AND account_id = $3))
            GROUP BY status_name""",
         campaign_id,
         list(names),
+        account_id,
     )
     return {r["name"]: int(r["uniq"]) for r in rows}
 
@@ -496,3 +538,221 @@ async def postmaster_daily(
         date_to,
         limit,
     )
+
+
+# --- overview and campaign lists -----------------------------------------------------------
+
+
+async def message_statuses(
+    conn: asyncpg.Connection, *, min_id: str, account_id: str | None = None
+) -> dict[str, int]:
+    """Messages accepted since ``min_id`` (a ULID time bound) by status."""
+    rows = await conn.fetch(
+        """SELECT status, count(*) AS n FROM messages
+           WHERE mailgate_id >= $1 AND ($2::text IS NULL OR account_id = $2)
+           GROUP BY status""",
+        min_id,
+        account_id,
+    )
+    return {r["status"]: int(r["n"]) for r in rows}
+
+
+async def recent_events(
+    conn: asyncpg.Connection,
+    *,
+    recorded_since: dt.datetime,
+    account_id: str | None = None,
+    min_id: str | None = None,
+) -> dict[tuple[str, str | None], tuple[int, int]]:
+    """Customer events recorded since a time, in the shape of ``campaign_events``.
+
+    For one account, only events of its messages accepted since ``min_id`` count (the join
+    stays within the recent partitions)."""
+    rows = await conn.fetch(
+        """SELECT name, audience, GROUPING(audience) AS all_audiences,
+                  count(*) AS total, count(DISTINCT mailgate_id) AS uniq
+           FROM (SELECT e.status_name AS name, e.mailgate_id,
+                        CASE WHEN e.status_data->>'audience' IN ('prefetch', 'scanner')
+                                  THEN 'machine'
+                             WHEN e.status_data->>'audience' = 'human' THEN 'human'
+                             ELSE 'unknown' END AS audience
+                 FROM events e
+                 WHERE e.recorded_at >= $1 AND e.status_name IS NOT NULL
+                   AND NOT e.status_pending
+                   AND ($2::text IS NULL OR e.mailgate_id IN (
+                        SELECT m.mailgate_id FROM messages m
+                        WHERE m.account_id = $2 AND m.mailgate_id >= $3))) AS e
+           GROUP BY GROUPING SETS ((name), (name, audience))""",
+        recorded_since,
+        account_id,
+        min_id or "",
+    )
+    out: dict[tuple[str, str | None], tuple[int, int]] = {}
+    for r in rows:
+        audience = None if r["all_audiences"] else r["audience"]
+        out[(r["name"], audience)] = (int(r["total"]), int(r["uniq"]))
+    return out
+
+
+async def list_campaigns(
+    conn: asyncpg.Connection, *, min_id: str, account_id: str | None = None, limit: int
+) -> list[Row]:
+    """Campaigns with messages accepted since ``min_id``, the most recently active first."""
+    return await conn.fetch(  # type: ignore[no-any-return]
+        """SELECT campaign_id, count(*) AS messages, max(mailgate_id) AS last_mailgate_id,
+                  count(*) FILTER (WHERE status IN ('soft_bounced', 'hard_bounced'))
+                      AS bounced,
+                  count(*) FILTER (WHERE status = 'complained') AS complained,
+                  count(*) FILTER (WHERE status IN ('opened', 'clicked')) AS engaged
+           FROM messages
+           WHERE mailgate_id >= $1 AND campaign_id IS NOT NULL
+             AND ($2::text IS NULL OR account_id = $2)
+           GROUP BY campaign_id ORDER BY max(mailgate_id) DESC LIMIT $3""",
+        min_id,
+        account_id,
+        limit,
+    )
+
+
+async def campaign_accounts(conn: asyncpg.Connection, campaign_id: str) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT DISTINCT account_id FROM messages WHERE campaign_id = $1", campaign_id
+    )
+    return [r["account_id"] for r in rows]
+
+
+AMS_PROGRESS_SUBJECT = "stats.ams.mailing"
+
+
+async def ams_mailing_state(conn: asyncpg.Connection, campaign_id: str) -> Row | None:
+    """The newest AMS progress stats-poller published for the campaign's mailing."""
+    return await conn.fetchrow(  # type: ignore[no-any-return]
+        """SELECT event_id, occurred_at, recorded_at, data FROM events
+           WHERE campaign_id = $1 AND status_name IS NULL AND subject = $2
+           ORDER BY occurred_at DESC, recorded_at DESC LIMIT 1""",
+        campaign_id,
+        AMS_PROGRESS_SUBJECT,
+    )
+
+
+async def dead_letter_summary(
+    conn: asyncpg.Connection, *, since: dt.datetime, account_id: str | None = None
+) -> list[Row]:
+    """Per endpoint: dead letters since a time, pending ones, the newest reason."""
+    return await conn.fetch(  # type: ignore[no-any-return]
+        """SELECT endpoint_id, account_id, max(url) AS url, count(*) AS total,
+                  count(*) FILTER (WHERE replay_count = 0) AS pending,
+                  max(created_at) AS last_at,
+                  (array_agg(reason ORDER BY id DESC))[1] AS last_reason,
+                  (array_agg(http_status ORDER BY id DESC))[1] AS last_http_status
+           FROM dead_letters
+           WHERE created_at >= $1 AND ($2::text IS NULL OR account_id = $2)
+           GROUP BY endpoint_id, account_id ORDER BY max(created_at) DESC LIMIT 50""",
+        since,
+        account_id,
+    )
+
+
+async def postmaster_domains(conn: asyncpg.Connection) -> list[str]:
+    rows = await conn.fetch("SELECT DISTINCT domain FROM postmaster_daily ORDER BY domain")
+    return [r["domain"] for r in rows]
+
+
+# --- operators (console sign-in) -----------------------------------------------------------
+
+
+async def insert_operator(
+    conn: asyncpg.Connection,
+    *,
+    operator_id: str,
+    username: str,
+    password_hash: str,
+    role: str,
+    account_id: str | None,
+) -> Row | None:
+    """The new row, or ``None`` when the username is taken (case-insensitively)."""
+    return await conn.fetchrow(  # type: ignore[no-any-return]
+        """INSERT INTO operators (id, username, password_hash, role, account_id)
+           VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (lower(username)) DO NOTHING RETURNING *""",
+        operator_id,
+        username,
+        password_hash,
+        role,
+        account_id,
+    )
+
+
+async def operator_by_username(conn: asyncpg.Connection, username: str) -> Row | None:
+    return await conn.fetchrow(  # type: ignore[no-any-return]
+        "SELECT * FROM operators WHERE lower(username) = lower($1)", username
+    )
+
+
+async def list_operators(conn: asyncpg.Connection) -> list[Row]:
+    return await conn.fetch("SELECT * FROM operators ORDER BY lower(username)")  # type: ignore[no-any-return]
+
+
+async def update_operator(
+    conn: asyncpg.Connection,
+    operator_id: str,
+    *,
+    disabled: bool | None = None,
+    password_hash: str | None = None,
+) -> Row | None:
+    """Change an operator; disabling or a new password ends the operator's sessions."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """UPDATE operators SET disabled = coalesce($2, disabled),
+                                    password_hash = coalesce($3, password_hash)
+               WHERE id = $1 RETURNING *""",
+            operator_id,
+            disabled,
+            password_hash,
+        )
+        if row is not None and (disabled or password_hash is not None):
+            await conn.execute("DELETE FROM operator_sessions WHERE operator_id = $1", operator_id)
+    return row  # type: ignore[no-any-return]
+
+
+async def insert_session(
+    conn: asyncpg.Connection,
+    *,
+    token_hash: str,
+    operator_id: str,
+    csrf_token: str,
+    expires_at: dt.datetime,
+    user_agent: str,
+    ip: str,
+) -> None:
+    await conn.execute(
+        """WITH touched AS (UPDATE operators SET last_login_at = now() WHERE id = $2)
+           INSERT INTO operator_sessions (token_hash, operator_id, csrf_token, expires_at,
+                                          user_agent, ip)
+           VALUES ($1, $2, $3, $4, $5, $6)""",
+        token_hash,
+        operator_id,
+        csrf_token,
+        expires_at,
+        user_agent[:300],
+        ip[:64],
+    )
+
+
+async def session_operator(conn: asyncpg.Connection, token_hash: str) -> Row | None:
+    """The signed-in operator of an unexpired session (and the session's CSRF token)."""
+    return await conn.fetchrow(  # type: ignore[no-any-return]
+        """SELECT o.id, o.username, o.role, o.account_id, s.csrf_token, s.expires_at
+           FROM operator_sessions s JOIN operators o ON o.id = s.operator_id
+           WHERE s.token_hash = $1 AND s.expires_at > now() AND NOT o.disabled""",
+        token_hash,
+    )
+
+
+async def delete_session(conn: asyncpg.Connection, token_hash: str) -> None:
+    await conn.execute("DELETE FROM operator_sessions WHERE token_hash = $1", token_hash)
+
+
+async def delete_expired_sessions(conn: asyncpg.Connection) -> int:
+    status = await conn.execute("DELETE FROM operator_sessions WHERE expires_at <= now()")
+    return int(status.rsplit(" ", 1)[-1])

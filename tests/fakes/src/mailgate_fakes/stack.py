@@ -451,6 +451,17 @@ class Stack:
         path.chmod(0o600)
         return out
 
+    def dev_operator(self) -> dict[str, str]:
+        """The operator console's development admin (created once, kept in .data)."""
+        path = self.data_dir / "secrets" / "console-admin.json"
+        if path.exists():
+            return dict(json.loads(path.read_text()))
+        created = self.admin("POST", "/v1/operators", {"username": "admin", "role": "admin"})
+        out = {"username": created["username"], "password": created["password"]}
+        path.write_text(json.dumps(out))
+        path.chmod(0o600)
+        return out
+
     def stop_service(self, name: str, *, kill: bool = False, timeout_s: float = 30.0) -> int | None:
         proc = self.procs.pop(name, None)
         if proc is None or proc.poll() is not None:
@@ -501,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         print("starting mailgate (NATS, Postgres, Postal sandbox, 7 services)...", flush=True)
         stack.start()
         cred = stack.dev_credential()
+        operator = stack.dev_operator()
+        console = f"{stack.url('ledger')}/console/"
         p = stack.ports
         print(
             f"""
@@ -511,6 +524,7 @@ mailgate is running. Logs: {stack.log_dir}/
   allowed senders    {", ".join(stack.sender_domains)}
   admin API          {stack.url("ledger")}/v1   bearer {stack.admin_token}
   account api token  {cred["api_token"]}   (for POST /v1/email/webhook)
+  operator console   {console}   {operator["username"]} / {operator["password"]}
   tracker            {stack.url("tracker")}
   Postal webhooks    {stack.url("webhook-ingest")}/api/v1/webhook
   Postal API         {stack.postal_api_url}
