@@ -56,6 +56,36 @@ async def _publish_run(url: str, count: int, concurrency: int, size: int) -> Row
     )
 
 
+async def _batched_run(url: str, count: int, batch: int, size: int) -> Row:
+    """publish_events: ``batch`` events go out back to back, their acks awaited together."""
+    from mailgate_core import schemas as s
+    from mailgate_core.nats import publish_events
+
+    nc = await nats.connect(url)
+    js = nc.jetstream(timeout=10)
+    await provision(js)
+    events = [s.TrackOpen(mailgate_id=f"m{i}", user_agent="x" * (size - 200)) for i in range(count)]
+    latencies: list[float] = []
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    for start in range(0, count, batch):
+        t = time.perf_counter()
+        await publish_events(js, events[start : start + batch])
+        latencies.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    await nc.close()
+    latencies.sort()
+    return Row(
+        benchmark=f"JetStream publish_events 2 KB, sync always, batches of {batch}",
+        rate_per_s=count / elapsed,
+        p50_ms=percentile(latencies, 0.5) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+        cpu_s_per_1k=cpu / count * 1000,
+        note="latency per batch; client CPU",
+    )
+
+
 async def run(opts: Options) -> list[Row]:
     count = 300 if opts.quick else int(os.environ.get("BENCH_COUNT", "3000"))
     size = 2048
@@ -72,6 +102,16 @@ async def run(opts: Options) -> list[Row]:
             row.benchmark = f"JetStream publish 2 KB, sync {sync}, {concurrency} publishers"
             results[(sync, concurrency)] = row
             rows.append(row)
+    with tempfile.TemporaryDirectory(dir=opts.tmp) as tmp:
+        server = NatsServer(Path(tmp) / "nats", sync_interval="always").start()
+        try:
+            batched = await _batched_run(server.url, count, 64, size)
+        finally:
+            server.stop()
+    single = results[("always", 20)]
+    assert single.rate_per_s and batched.rate_per_s
+    batched.note += f"; {batched.rate_per_s / single.rate_per_s:.2f}x of 20 publishers"
+    rows.append(batched)
     for concurrency in (1, 20):
         durable, default = results[("always", concurrency)], results[("2m", concurrency)]
         assert durable.rate_per_s and default.rate_per_s

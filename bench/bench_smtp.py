@@ -30,6 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
@@ -41,8 +42,9 @@ from mailgate_core.nats import KV_ACCOUNTS, KV_CREDENTIALS, provision
 from mailgate_core.passwords import hash_password
 from mailgate_core.records import AccountRecord, CredentialRecord
 from mailgate_fakes.infra import NatsServer, free_port, wait_for_port
+from postfix import Postfix, ensure_postfix
 
-from common import CpuMeter, Options, Row, percentile
+from common import Options, Row, peak_rss_bytes, percentile, process_tree_cpu_s, tree_pids
 from common import spawn as _spawn
 from common import stop as _stop
 
@@ -116,7 +118,7 @@ class Client:
         self.writer = writer
 
     @classmethod
-    async def open(cls, port: int, tls: ssl.SSLContext | None) -> Client:
+    async def open(cls, port: int, tls: ssl.SSLContext | None, *, auth: bool = True) -> Client:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         client = cls(reader, writer)
         await client.expect(220)
@@ -125,8 +127,9 @@ class Client:
             await client.command(b"STARTTLS", 220)
             await writer.start_tls(tls, server_hostname="localhost")
             await client.command(b"EHLO bench.example.com", 250)
-        plain = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
-        await client.command(b"AUTH PLAIN " + plain, 235)
+        if auth:
+            plain = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+            await client.command(b"AUTH PLAIN " + plain, 235)
         return client
 
     async def expect(self, code: int) -> bytes:
@@ -175,16 +178,22 @@ class Load:
 
 
 async def drive(
-    port: int, data: bytes, count: int, *, tls: ssl.SSLContext | None, reuse: bool
+    port: int,
+    data: bytes,
+    count: int,
+    *,
+    tls: ssl.SSLContext | None,
+    reuse: bool,
+    auth: bool = True,
 ) -> Load:
     """``count`` messages over ``SESSIONS`` concurrent sessions."""
     latencies: list[float] = []
     per_session = [count // SESSIONS + (i < count % SESSIONS) for i in range(SESSIONS)]
 
     async def session(index: int, messages: int) -> None:
-        client = await Client.open(port, tls) if reuse else None
+        client = await Client.open(port, tls, auth=auth) if reuse else None
         for n in range(messages):
-            one = client or await Client.open(port, tls)
+            one = client or await Client.open(port, tls, auth=auth)
             latencies.append(await one.send(f"r{index}-{n}@example.org", data))
             if not reuse:
                 await one.close()
@@ -200,8 +209,11 @@ async def drive(
 
 
 def bare_server(port: int, cert: str, key: str) -> None:
-    """aiosmtpd with STARTTLS, any AUTH accepted, every message discarded (run in a child)."""
+    """aiosmtpd with STARTTLS, any AUTH accepted, every message discarded (run in a child;
+    several children share the port with SO_REUSEPORT, as smtp-ingest's workers do). It runs
+    on uvloop like the services (mailgate_core.runtime), so the ratio compares like with like."""
     from aiosmtpd.smtp import SMTP, AuthResult
+    from mailgate_core.runtime import loop_factory
 
     class Discard:
         async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
@@ -226,11 +238,13 @@ def bare_server(port: int, cert: str, key: str) -> None:
             ),
             "127.0.0.1",
             port,
+            reuse_port=True,
         )
         async with server:
             await server.serve_forever()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(main())
 
 
 def _is_ready(ops_port: int) -> str:
@@ -287,26 +301,79 @@ class Case:
         return f"{self.size}, {tls}, {conn}"
 
 
-async def measure(
-    name: str, port: int, case: Case, count: int, pid: int, tls: ssl.SSLContext
-) -> Row:
+@dataclass
+class Server:
+    """One SMTP server under test: its port, how to count its CPU, whether it wants AUTH."""
+
+    name: str
+    port: int
+    cpu: Callable[[], float]
+    auth: bool = True
+    storage_cpu: Callable[[], float] | None = None
+    """CPU of the server's durable storage in another process (smtp-ingest: nats-server)."""
+
+
+async def measure(server: Server, case: Case, count: int, tls: ssl.SSLContext) -> Row:
     context = tls if case.tls else None
-    await drive(port, case.data, SESSIONS, tls=context, reuse=True)  # warm-up
-    meter = CpuMeter([pid])
-    meter.start()
-    load = await drive(port, case.data, count, tls=context, reuse=case.reuse)
-    cpu = meter.stop()
+    await drive(server.port, case.data, SESSIONS, tls=context, reuse=True, auth=server.auth)
+    cpu0 = server.cpu()
+    storage0 = server.storage_cpu() if server.storage_cpu else 0.0
+    load = await drive(
+        server.port, case.data, count, tls=context, reuse=case.reuse, auth=server.auth
+    )
+    cpu = server.cpu() - cpu0
+    storage = (server.storage_cpu() - storage0) if server.storage_cpu else None
     return Row(
-        benchmark=f"{name} {case.label}",
+        benchmark=f"{server.name} {case.label}",
         rate_per_s=load.messages / load.elapsed_s,
         p50_ms=percentile(load.latencies_s, 0.5) * 1000,
         p99_ms=percentile(load.latencies_s, 0.99) * 1000,
         cpu_s_per_1k=cpu / load.messages * 1000,
+        note="" if storage is None else f"+ nats-server {storage / load.messages * 1000:.3f}",
     )
+
+
+def _ratio_note(ours: Row, bare: Row, postfix: Row | None, workers: int) -> str:
+    assert ours.rate_per_s and bare.rate_per_s and ours.cpu_s_per_1k is not None
+    parts = [f"{ours.rate_per_s / bare.rate_per_s:.2f}x bare ({workers} procs each)"]
+    if postfix is not None and postfix.rate_per_s:
+        parts.insert(0, f"{ours.rate_per_s / postfix.rate_per_s:.2f}x Postfix")
+        if postfix.cpu_s_per_1k:
+            parts.append(f"{ours.cpu_s_per_1k / postfix.cpu_s_per_1k:.1f}x Postfix CPU")
+    return ", ".join(parts)
+
+
+async def _big_message_row(port: int, ingest: subprocess.Popen[bytes]) -> Row:
+    """Peak RSS growth of smtp-ingest's processes for one 10 MB message (to the object
+    store: over the inline limit), sent on several connections so every worker gets one."""
+    big = dot_stuffed(
+        campaign_message(2048, links=4).replace(
+            b"\r\n\r\n", b"\r\n\r\n" + (b"x" * 998 + b"\r\n") * 10_000, 1
+        )
+    )
+    before = {pid: peak_rss_bytes(pid) for pid in tree_pids(ingest.pid)}
+    started = time.perf_counter()
+    for _ in range(4):
+        client = await Client.open(port, None)
+        await client.send("big@example.org", big)
+        await client.close()
+    elapsed = time.perf_counter() - started
+    growth = max(peak_rss_bytes(pid) - rss for pid, rss in before.items())
+    return Row(
+        benchmark="smtp-ingest 10 MB message, peak RSS growth",
+        rate_per_s=4 / elapsed,
+        note=f"+{growth / 2**20:.0f} MB peak RSS in a worker ({growth / len(big):.1f}x the "
+        f"message); baseline {max(before.values()) / 2**20:.0f} MB",
+    )
+
+
+def _pids_cpu(procs: list[subprocess.Popen[bytes]]) -> Callable[[], float]:
+    return lambda: sum(process_tree_cpu_s(p.pid) for p in procs)
 
 
 async def run(opts: Options) -> list[Row]:
     count = 40 if opts.quick else int(os.environ.get("BENCH_SMTP_COUNT", "400"))
+    workers = int(os.environ.get("BENCH_SMTP_WORKERS", str(min(2, os.cpu_count() or 1))))
     small = campaign_message(2048, links=4)
     large = campaign_message(50 * 1024, links=40, attachment=20_000)
     cases = [
@@ -315,9 +382,12 @@ async def run(opts: Options) -> list[Row]:
         for tls in (True, False)
         for reuse in (True, False)
     ]
-    if opts.quick:  # one row per message size, both with TLS
-        cases = [c for c in cases if c.tls and c.reuse == (c.size == "2 KB")]
+    if opts.quick:  # one row per server: 2 KB, STARTTLS, reused connection
+        cases = cases[:1]
+    if os.environ.get("BENCH_SMTP_CASES"):  # e.g. "2 KB, STARTTLS, reused"
+        cases = [c for c in cases if os.environ["BENCH_SMTP_CASES"] in c.label] or cases
     rows: list[Row] = []
+    postfix_note = ensure_postfix(os.environ.get("BENCH_INSTALL") == "1")
     with tempfile.TemporaryDirectory(dir=opts.tmp) as tmp_name:
         tmp = Path(tmp_name)
         from mailgate_smtp_ingest.tls import self_signed_pair
@@ -328,7 +398,9 @@ async def run(opts: Options) -> list[Row]:
         key.write_bytes(key_pem)
         client_tls = ssl.create_default_context(cadata=cert_pem.decode())
         nats_server = NatsServer(tmp / "nats", sync_interval="always").start()
-        ingest = bare = None
+        ingest: subprocess.Popen[bytes] | None = None
+        bare: list[subprocess.Popen[bytes]] = []
+        postfix: Postfix | None = None
         try:
             await _put_credential(nats_server.url)
             smtp_port, ops_port, bare_port = free_port(), free_port(), free_port()
@@ -341,38 +413,79 @@ async def run(opts: Options) -> list[Row]:
                 "SMTP_TLS_CERT": str(cert),
                 "SMTP_TLS_KEY": str(key),
                 "SMTP_AUTH_REQUIRE_TLS": "false",  # the plain rows authenticate too
+                "SMTP_WORKERS": str(workers),
                 "OPS_HOST": "127.0.0.1",
                 "OPS_PORT": str(ops_port),
                 "ALLOWED_SENDER_DOMAINS": "shop.example.com",
                 "TRACKING_BASE_URL": "https://t.mg.example.net",
                 "TRACKING_SECRET": TRACKING_SECRET,
-                "LOG_LEVEL": "info",
+                "LOG_LEVEL": "warning",
             }
             ingest = _spawn(
-                [sys.executable, "-m", "mailgate_smtp_ingest"], env, tmp / "smtp-ingest.log"
+                [sys.executable, "-m", "mailgate_smtp_ingest"],
+                env,
+                tmp / "smtp-ingest.log",
+                profile="smtp-ingest",
             )
-            bare = _spawn(
-                [sys.executable, __file__, "--bare", str(bare_port), str(cert), str(key)],
-                {},
-                tmp / "bare.log",
-            )
-            await _ready(ops_port, ingest)
-            wait_for_port("127.0.0.1", bare_port, proc=bare)
+            bare = [
+                _spawn(
+                    [sys.executable, __file__, "--bare", str(bare_port), str(cert), str(key)],
+                    {},
+                    tmp / "bare.log",
+                )
+                for _ in range(workers)
+            ]
+            if not postfix_note:
+                os.chmod(tmp, 0o755)  # noqa: S103 - Postfix's own users work in there
+                postfix = Postfix(tmp / "postfix", free_port(), cert, key).start()
+            for index in range(workers):
+                await _ready(ops_port + index, ingest)
+            for proc in bare:
+                wait_for_port("127.0.0.1", bare_port, proc=proc)
+            if postfix is not None:
+                try:
+                    wait_for_port("127.0.0.1", postfix.port, proc=postfix.proc, timeout_s=20)
+                except RuntimeError as exc:
+                    postfix_note = f"skipped: postfix did not start ({exc}): {postfix.log_tail(5)}"
+                    postfix.stop()
+                    postfix = None
+            ingest_cpu = _pids_cpu([ingest])  # the supervisor and its workers
+            servers = [
+                Server(
+                    f"smtp-ingest x{workers}",
+                    smtp_port,
+                    ingest_cpu,
+                    storage_cpu=_pids_cpu([nats_server.proc]) if nats_server.proc else None,
+                ),
+                Server(f"aiosmtpd bare x{workers}", bare_port, _pids_cpu(bare)),
+            ]
+            if postfix is not None:
+                servers.append(
+                    Server("postfix (hold queue)", postfix.port, postfix.cpu_s, auth=False)
+                )
             for case in cases:
-                ours = await measure("smtp-ingest", smtp_port, case, count, ingest.pid, client_tls)
-                theirs = await measure(
-                    "aiosmtpd bare", bare_port, case, count, bare.pid, client_tls
-                )
-                assert ours.rate_per_s and theirs.rate_per_s and theirs.cpu_s_per_1k
-                assert ours.cpu_s_per_1k is not None
-                ours.note = (
-                    f"{ours.rate_per_s / theirs.rate_per_s:.2f}x bare rate, "
-                    f"{ours.cpu_s_per_1k / theirs.cpu_s_per_1k:.1f}x its CPU"
-                )
-                rows += [ours, theirs]
+                measured = [await measure(server, case, count, client_tls) for server in servers]
+                ours, theirs = measured[0], measured[1]
+                pf = measured[2] if len(measured) > 2 else None
+                ours.note = f"{_ratio_note(ours, theirs, pf, workers)}; {ours.note} CPU s/1k"
+                theirs.note = "accepts and discards; same client, same processes"
+                if pf is not None:
+                    pf.note = "no AUTH (mynetworks); queue file fsynced before 250"
+                rows += measured
+            if not opts.quick:
+                rows.append(await _big_message_row(smtp_port, ingest))
+            if postfix is not None:
+                held = postfix.held()
+                last = [r for r in rows if r.benchmark.startswith("postfix")][-1]
+                last.note += f"; {held} held"
+            else:
+                rows.append(Row(benchmark="postfix (hold queue)", note=postfix_note))
         finally:
-            _stop(ingest)
-            _stop(bare)
+            _stop(ingest, timeout_s=30)
+            for proc in bare:
+                _stop(proc)
+            if postfix is not None:
+                postfix.stop()
             nats_server.stop()
     return rows
 

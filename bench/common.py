@@ -1,9 +1,11 @@
-"""Shared pieces of the benchmark suite: result rows, percentiles, CPU accounting."""
+"""Shared pieces of the benchmark suite: result rows, percentiles, CPU and memory accounting,
+starting and stopping processes (optionally under py-spy)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -39,23 +41,73 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
+def _stat_fields(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def process_cpu_s(pid: int) -> float:
     """User+system CPU seconds consumed so far by a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return out
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid``, its reaped children and every live descendant: a supervisor
+    (smtp-ingest with SMTP_WORKERS, Postfix's master) with its workers."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    try:
+        fields = _stat_fields(pid)
+    except OSError:
+        return 0.0
+    total = (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / ticks
+    return total + sum(process_tree_cpu_s(child) for child in _children(pid))
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its live descendants."""
+    out = [pid]
+    for child in _children(pid):
+        out += tree_pids(child)
+    return out
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The high-water mark of a process's resident memory (VmHWM), 0 when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class CpuMeter:
     """CPU seconds used by some processes (and this one) between start() and stop()."""
 
-    def __init__(self, pids: list[int] | None = None, include_self: bool = False):
+    def __init__(
+        self, pids: list[int] | None = None, include_self: bool = False, *, tree: bool = False
+    ):
         self.pids = pids or []
         self.include_self = include_self
+        self.tree = tree
+        """Count each pid's descendants too (see process_tree_cpu_s)."""
         self._start = 0.0
 
     def _total(self) -> float:
-        total = sum(process_cpu_s(pid) for pid in self.pids)
+        cpu = process_tree_cpu_s if self.tree else process_cpu_s
+        total = sum(cpu(pid) for pid in self.pids)
         if self.include_self:
             total += time.process_time()
         return total
@@ -67,17 +119,44 @@ class CpuMeter:
         return self._total() - self._start
 
 
+_PROFILERS: list[subprocess.Popen[bytes]] = []
+
+
 def spawn(
-    argv: list[str], env: dict[str, str] | None = None, log: Path | None = None
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    *,
+    profile: str = "",
 ) -> subprocess.Popen[bytes]:
-    """Start a process of ours (output appended to ``log``, or discarded)."""
+    """Start a process of ours (output appended to ``log``, or discarded).
+
+    With ``BENCH_PROFILE=<dir>`` in the environment and a ``profile`` name, ``py-spy record``
+    attaches to it (``--nonblocking``); collapsed stacks land in ``<dir>/<profile>.txt``
+    (summarise them with ``python bench/profile_summary.py <file>``)."""
     out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(  # noqa: S603 - our own interpreter and modules
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and modules
         argv,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         stdout=out,
         stderr=subprocess.STDOUT,
     )
+    profile_dir = os.environ.get("BENCH_PROFILE", "")
+    if profile and profile_dir:
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        py_spy = Path(sys.executable).with_name("py-spy")
+        target = Path(profile_dir) / f"{profile}.txt"
+        _PROFILERS.append(
+            subprocess.Popen(  # noqa: S603 - py-spy from our venv
+                [
+                    *(str(py_spy), "record", "--format", "raw", "-r", "250", "-o", str(target)),
+                    *("--nonblocking", "--subprocesses", "--pid", str(proc.pid)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    return proc
 
 
 def stop(proc: subprocess.Popen[bytes] | None, timeout_s: float = 15.0) -> None:

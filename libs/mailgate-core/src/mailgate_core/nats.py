@@ -182,6 +182,32 @@ async def publish_event(js: JetStreamContext, event: Event, *, timeout: float = 
     return int(ack.seq)
 
 
+async def publish_events(
+    js: JetStreamContext, events: Sequence[Event], *, timeout: float = 5.0
+) -> list[int]:
+    """Publish every event at once and wait for all of their acks (each within
+    ``timeout``); the stream seqs in order.
+
+    The publishes go out back to back and their acks come back together: one round trip
+    for the lot instead of one per event. (Concurrent requests measured cheaper in client
+    CPU than nats-py's ``publish_async``: bench_nats_sync.) Raises PublishError unless
+    JetStream acknowledged every one; some may then be stored, which ``Nats-Msg-Id`` makes
+    harmless for a retry with the same events, and a caller answering 4xx lets the client
+    retry."""
+    if len(events) == 1:
+        return [await publish_event(js, events[0], timeout=timeout)]
+    outcomes = await asyncio.gather(
+        *(publish_event(js, event, timeout=timeout) for event in events),
+        return_exceptions=True,
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, PublishError):
+                raise outcome
+            raise PublishError(f"{type(outcome).__name__}: {outcome}") from outcome
+    return [int(seq) for seq in outcomes if not isinstance(seq, BaseException)]
+
+
 # --- pull consumers ---------------------------------------------------------------------
 
 
@@ -222,6 +248,12 @@ class PullWorker:
 
     ``stop()`` stops fetching, waits for the batch in hand to be handled and settled, then
     returns: that is the graceful-shutdown contract (finish in-flight work, ack, exit).
+
+    With ``handler`` (a one-message handler) the worker runs without head-of-line blocking:
+    up to ``concurrency`` messages in hand, each settled as soon as its own handling ends,
+    and a new fetch as soon as a quarter of the slots is free. The batch mode waits for the
+    slowest message of a batch before fetching again, which for slow handlers (an HTTP
+    delivery that may take the whole timeout) would let one slow message delay all others.
     """
 
     js: JetStreamContext
@@ -239,9 +271,15 @@ class PullWorker:
     sync_acks: bool = True
     """Wait for the server to confirm each ack. An idempotent consumer may pass ``False``:
     a lost ack then means a redelivery, and a batch's acks cost no round trip each."""
+    handler: MessageHandler | None = None
+    """Per-message mode (see the class docstring); ``handle_batch`` is then unused."""
+    concurrency: int = 100
+    """Messages in hand at once in per-message mode."""
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _sub: Any = field(default=None, init=False)
+    _room: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _in_flight: int = field(default=0, init=False)
 
     async def start(self) -> None:
         self._sub = await self.js.pull_subscribe(
@@ -264,7 +302,68 @@ class PullWorker:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    @property
+    def in_flight(self) -> int:
+        """Messages being handled now (per-message mode)."""
+        return self._in_flight
+
+    async def _fetch(self, size: int) -> list[Msg] | None:
+        """Up to ``size`` messages; ``None`` when the connection closed while stopping."""
+        try:
+            return list(await self._sub.fetch(size, timeout=self.fetch_timeout_s))
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
+        except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+            if self._stopping.is_set():
+                return None
+            await asyncio.sleep(0.5)
+            return []
+        except Exception as exc:  # reconnecting, consumer deleted, ...
+            log.warning("fetch failed", durable=self.durable, error=str(exc))
+            await asyncio.sleep(0.5)
+            return []
+
+    def _chunk(self) -> int:
+        # Fetch in chunks: a pull request per freed slot would cost a round trip per message.
+        return max(1, min(self.batch, self.concurrency) // 4)
+
+    async def _run_each(self, handler: MessageHandler) -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        chunk = self._chunk()
+        while not self._stopping.is_set():
+            free = self.concurrency - self._in_flight
+            if free < chunk:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            msgs = await self._fetch(min(free, self.batch))
+            if msgs is None:
+                break
+            for msg in msgs:
+                self._in_flight += 1
+                task = asyncio.create_task(self._one(handler, msg))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        if tasks:  # graceful stop: finish and settle what is in hand
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _one(self, handler: MessageHandler, msg: Msg) -> None:
+        try:
+            try:
+                outcome = await handler(msg)
+            except Exception:
+                log.exception("message handler crashed", subject=msg.subject)
+                outcome = Nak(backoff_delay(_delivered(msg)))
+            await _settle(msg, outcome, sync=self.sync_acks)
+        finally:
+            self._in_flight -= 1
+            if self.concurrency - self._in_flight >= self._chunk():
+                self._room.set()
+
     async def _run(self) -> None:
+        if self.handler is not None:
+            await self._run_each(self.handler)
+            return
         while not self._stopping.is_set():
             try:
                 msgs = await self._sub.fetch(self.batch, timeout=self.fetch_timeout_s)
@@ -290,6 +389,7 @@ class PullWorker:
 
     async def stop(self) -> None:
         self._stopping.set()
+        self._room.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task

@@ -95,12 +95,23 @@ class TokenSigner:
         if not keys:
             raise ValueError("at least one non-empty tracking secret is required")
         self._keys = keys
+        self._packed_for: tuple[str, bytes | None] = ("", None)
 
     def _mac(self, key: bytes, data: bytes) -> bytes:
         return hmac.digest(key, _DOMAIN + data, "sha256")[:MAC_BYTES]
 
-    def _make(self, kind: TokenKind, mailgate_id: str, url: str = "") -> str:
+    def _packed(self, mailgate_id: str) -> bytes | None:
+        """``_ulid_bytes`` of the id, remembered for the last id: a copy's tokens (pixel,
+        unsubscribe, every link) are all made for one recipient's id in a row."""
+        last_id, last = self._packed_for
+        if mailgate_id == last_id and last_id:
+            return last
         packed = _ulid_bytes(mailgate_id)
+        self._packed_for = (mailgate_id, packed)
+        return packed
+
+    def _make(self, kind: TokenKind, mailgate_id: str, url: str = "") -> str:
+        packed = self._packed(mailgate_id)
         if packed is not None:
             head = bytes([VERSION]) + _KIND_BYTE[kind] + packed
         else:

@@ -48,6 +48,11 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     smtp_tls_cert: str = ""
     smtp_tls_key: str = ""
     smtp_auth_require_tls: bool = True
+    smtp_workers: int = 1
+    """Worker processes sharing the SMTP ports (SO_REUSEPORT); see workers.py. Worker i
+    serves its ops routes on OPS_PORT + i - 1."""
+    smtp_worker_index: int = 0
+    """Set by the supervisor for each worker (1-based); 0 in a single process."""
     smtp_timeout_s: float = 300.0
     allowed_sender_domains: tuple[str, ...] = ()
     """Global sender allowlist, used for accounts without their own list; empty allows all."""
@@ -62,6 +67,10 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     """Messages larger than this go to the object store ``mail-blobs``, not into the event."""
     auth_failure_limit: int = 5
     auth_failure_window_s: float = 60.0
+    auth_failure_limit_per_user: int = 10
+    """Failed AUTHs per username (from any address) per window before AUTH for it answers 454."""
+    smtp_max_connections_per_ip: int = 100
+    """Open SMTP connections per client address; more are answered 421 and closed (0: no cap)."""
     publish_timeout_s: float = 5.0
     object_store_timeout_s: float = 30.0
     kv_timeout_s: float = 2.0
@@ -100,6 +109,10 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
             raise ConfigError("config error: MAX_MESSAGE_SIZE must be positive")
         if self.max_recipients <= 0:
             raise ConfigError("config error: MAX_RECIPIENTS must be positive")
+        if self.smtp_workers < 1:
+            raise ConfigError("config error: SMTP_WORKERS must be at least 1")
+        if self.smtp_workers > 1 and not (self.smtp_port and self.smtps_port):
+            raise ConfigError("config error: SMTP_WORKERS > 1 needs fixed SMTP_PORT and SMTPS_PORT")
         if bool(self.tracking_base_url) != bool(self.tracking_secrets()):
             raise ConfigError(
                 "config error: TRACKING_BASE_URL and TRACKING_SECRET must be set together"
@@ -159,7 +172,7 @@ class SmtpIngestService(ServiceBase):
         self.certificate_pem = certificate_pem
         """PEM of the generated certificate (None when loaded from files): tests trust it."""
         self.metrics = Metrics.create(self.registry)
-        self.intake = Intake()
+        self.intake = Intake(max_connections_per_ip=settings.smtp_max_connections_per_ip)
         self.smtp_port = 0
         self.smtps_port = 0
         self._servers: list[asyncio.Server] = []
@@ -173,7 +186,12 @@ class SmtpIngestService(ServiceBase):
         s = self.settings
         self.directory = Directory(self.js, resync_s=s.kv_resync_s, timeout_s=s.kv_timeout_s)
         throttle = FailureThrottle(limit=s.auth_failure_limit, window_s=s.auth_failure_window_s)
-        authenticator = Authenticator(self.directory, throttle, self.metrics)
+        user_throttle = FailureThrottle(
+            limit=s.auth_failure_limit_per_user, window_s=s.auth_failure_window_s
+        )
+        authenticator = Authenticator(
+            self.directory, throttle, self.metrics, user_throttle=user_throttle
+        )
         config = IntakeConfig(
             domain=s.domain,
             allowed_sender_domains=s.allowed_sender_domains,
@@ -227,8 +245,12 @@ class SmtpIngestService(ServiceBase):
         await self.directory.start()
         loop = asyncio.get_running_loop()
         s = self.settings
+        shared = s.smtp_workers > 1  # every worker binds the same ports (SO_REUSEPORT)
         plain = await loop.create_server(
-            partial(self._protocol, implicit_tls=False), s.smtp_host, s.smtp_port
+            partial(self._protocol, implicit_tls=False),
+            s.smtp_host,
+            s.smtp_port,
+            reuse_port=shared,
         )
         self._servers.append(plain)
         implicit = await loop.create_server(
@@ -236,6 +258,7 @@ class SmtpIngestService(ServiceBase):
             s.smtp_host,
             s.smtps_port,
             ssl=self.tls_context,
+            reuse_port=shared,
         )
         self._servers.append(implicit)
         self.smtp_port = plain.sockets[0].getsockname()[1]

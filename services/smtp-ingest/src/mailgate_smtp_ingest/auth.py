@@ -1,4 +1,9 @@
-"""SMTP AUTH against ledger-owned credentials (hashes only) with a per-IP failure throttle.
+"""SMTP AUTH against ledger-owned credentials (hashes only), throttled per IP and per username.
+
+The per-IP throttle (421 and disconnect) stops one client guessing; the per-username throttle
+stops many addresses guessing one password: once a username has too many failures in the
+window, AUTH for it answers 454 (temporary) without checking the password, so a distributed
+guesser learns nothing until the window passes (the price: the real user also waits).
 
 scrypt is deliberately slow (~50 ms, 16 MiB), so it runs in a thread and a successful
 verification is remembered: AMS opens many connections with the same credential. The
@@ -21,6 +26,7 @@ from mailgate_core.passwords import hash_password, verify_password
 from .directory import Directory
 from .metrics import Metrics
 from .policy import FailureThrottle, is_ip_allowed
+from .replies import TransientError
 
 
 @dataclass(frozen=True)
@@ -40,14 +46,17 @@ class Authenticator:
         *,
         clock: Callable[[], float] = time.monotonic,
         max_remembered: int = 10_000,
+        user_throttle: FailureThrottle | None = None,
     ):
         self._directory = directory
         self._throttle = throttle
+        self._user_throttle = user_throttle
         self._metrics = metrics
         self._clock = clock
         self._max_remembered = max_remembered
         self._pepper = secrets.token_bytes(32)
         self._verified: dict[tuple[str, bytes, str], None] = {}
+        self._verifying: dict[tuple[str, bytes, str], asyncio.Future[bool]] = {}
         self._dummy_hash: str | None = None
 
     def is_blocked(self, client_ip: str | None) -> bool:
@@ -56,10 +65,21 @@ class Authenticator:
     async def authenticate(
         self, username: str, password: str, client_ip: str | None
     ) -> Principal | None:
-        """The principal, or ``None`` (failure recorded). Raises TransientError if KV is down."""
+        """The principal, or ``None`` (failure recorded). Raises TransientError if KV is down
+        or the username is throttled."""
+        user_key = username.strip().lower()
+        if self._user_throttle is not None and self._user_throttle.is_blocked(
+            user_key, self._clock()
+        ):
+            self._throttle.record_failure(client_ip or "?", self._clock())
+            self._metrics.auth_failures.inc()
+            raise TransientError(f"too many authentication failures for {user_key!r}")
         principal = await self._check(username, password, client_ip)
         if principal is None:
-            self._throttle.record_failure(client_ip or "?", self._clock())
+            now = self._clock()
+            self._throttle.record_failure(client_ip or "?", now)
+            if self._user_throttle is not None:
+                self._user_throttle.record_failure(user_key, now)
             self._metrics.auth_failures.inc()
         return principal
 
@@ -82,7 +102,16 @@ class Authenticator:
         key = (username, tag, password_hash)
         if key in self._verified:
             return True
-        ok = await asyncio.to_thread(verify_password, password, password_hash)
+        # A burst of connections with one credential (AMS after a restart) waits for one
+        # scrypt instead of running one each (CPU, and 16 MiB of memory per scrypt).
+        pending = self._verifying.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(
+                asyncio.to_thread(verify_password, password, password_hash)
+            )
+            self._verifying[key] = pending
+            pending.add_done_callback(lambda _: self._verifying.pop(key, None))
+        ok = await asyncio.shield(pending)
         if ok:
             if len(self._verified) >= self._max_remembered:
                 self._verified.pop(next(iter(self._verified)))

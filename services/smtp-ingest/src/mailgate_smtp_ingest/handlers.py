@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from aiosmtpd.smtp import TLSSetupException
 from mailgate_core.ids import new_ulid
-from mailgate_core.nats import OBJECT_STORE_MAIL, PublishError, publish_event
+from mailgate_core.nats import OBJECT_STORE_MAIL, PublishError, publish_events
 from mailgate_core.records import AccountRecord, CredentialRecord
 from mailgate_core.schemas import MailAccepted, MailSkipped, MessageRef
 from nats.js import JetStreamContext
@@ -48,6 +48,9 @@ log = structlog.get_logger()
 
 #: Recipient copies prepared and published at once (each may be a 10 MB rendered copy).
 _PARALLEL_COPIES = 8
+#: ... and for a message up to _SMALL_MESSAGE_BYTES, whose copies are small.
+_SMALL_GROUP = 64
+_SMALL_MESSAGE_BYTES = 64 * 1024
 #: Messages larger than this are parsed and rendered in a worker thread, not the event loop.
 _THREAD_THRESHOLD_BYTES = 256 * 1024
 
@@ -215,32 +218,40 @@ class IngestHandler:
             self._metrics.rewrite_fallbacks.inc()
             bound.warning("body rewrite fell back to headers only", size=len(raw))
         ids = [new_ulid() for _ in envelope.rcpt_tos]
-        gate = asyncio.Semaphore(_PARALLEL_COPIES)
-
-        async def one(mailgate_id: str, recipient: str) -> None:
-            async with gate:
-                await self._publish_one(
-                    mailgate_id, recipient, envelope, principal, account, inspected, session
-                )
-
         bound = bound.bind(
             account_id=account.id,
             credential=principal.username,
             campaign_id=prepared.campaign_id,
             external_id=prepared.external_id,
         )
-        outcomes = await asyncio.gather(
-            *(one(mid, rcpt) for mid, rcpt in zip(ids, envelope.rcpt_tos, strict=True)),
-            return_exceptions=True,
-        )
-        failures = [o for o in outcomes if isinstance(o, BaseException)]
-        if failures:
-            transient = [f for f in failures if isinstance(f, PublishError | TransientError)]
-            raise transient[0] if transient else failures[0]
+        # Copies are made a group at a time and each group's events are published together
+        # (one wait for all of their acks); the 250 goes out only when every group is acked.
+        group = _PARALLEL_COPIES if len(raw) > _SMALL_MESSAGE_BYTES else _SMALL_GROUP
+        pairs = list(zip(ids, envelope.rcpt_tos, strict=True))
+        for start in range(0, len(pairs), group):
+            chunk = pairs[start : start + group]
+            outcomes = await asyncio.gather(
+                *(
+                    self._event_for(mid, rcpt, envelope, principal, account, inspected, session)
+                    for mid, rcpt in chunk
+                ),
+                return_exceptions=True,
+            )
+            failures = [o for o in outcomes if isinstance(o, BaseException)]
+            if failures:
+                transient = [f for f in failures if isinstance(f, PublishError | TransientError)]
+                raise transient[0] if transient else failures[0]
+            events = [o for o in outcomes if not isinstance(o, BaseException)]
+            await publish_events(self._js, events, timeout=self.config.publish_timeout_s)
+            skipped = sum(1 for e in events if isinstance(e, MailSkipped))
+            if skipped:
+                self._metrics.skipped.inc(skipped)
+            if len(events) > skipped:
+                self._metrics.accepted.inc(len(events) - skipped)
         bound.info("message accepted", mailgate_ids=ids, recipients=len(ids), size=len(raw))
         return ids[0]
 
-    async def _publish_one(
+    async def _event_for(
         self,
         mailgate_id: str,
         recipient: str,
@@ -249,7 +260,8 @@ class IngestHandler:
         account: AccountRecord,
         inspected: _Inspected,
         session: Any,
-    ) -> None:
+    ) -> MailAccepted | MailSkipped:
+        """The recipient's event (its copy rendered; stored in the object store if large)."""
         prepared = inspected.prepared
         assert prepared is not None
         ref = MessageRef(
@@ -261,15 +273,12 @@ class IngestHandler:
         )
         suppression = await self._directory.suppression(account.id, recipient)
         if suppression is not None:
-            skipped = MailSkipped(
+            return MailSkipped(
                 message=ref,
                 mail_from=envelope.mail_from,
                 reason=suppression.reason,
                 subject_line=prepared.subject,
             )
-            await publish_event(self._js, skipped, timeout=self.config.publish_timeout_s)
-            self._metrics.skipped.inc()
-            return
         domain = self.config.domain
         tracking = account.tracking and not prepared.tracking_opt_out
         data = await self._render(inspected, mailgate_id, tracking=tracking)
@@ -278,7 +287,7 @@ class IngestHandler:
             object_name = mailgate_id
             await self._store_blob(object_name, data)
         peer = session.peer if isinstance(session.peer, tuple) else None
-        accepted = MailAccepted(
+        return MailAccepted(
             message=ref,
             mail_from=envelope.mail_from,
             credential=principal.username,
@@ -291,8 +300,6 @@ class IngestHandler:
             postal_api_key_ref=account.id if account.has_postal_api_key else None,
             client_ip=str(peer[0]) if peer else None,
         )
-        await publish_event(self._js, accepted, timeout=self.config.publish_timeout_s)
-        self._metrics.accepted.inc()
 
     async def _render(self, inspected: _Inspected, mailgate_id: str, *, tracking: bool) -> bytes:
         """One recipient's copy (its own unsubscribe/click/open URLs); never raises for a

@@ -44,6 +44,8 @@ class TransientError(Exception):
 MUST_AUTHENTICATE = Reply(554, "5.7.1", "Must authenticate before sending mail", "auth_required")
 INTERNAL_ERROR = Reply(554, "5.3.0", "Internal server error", "internal")
 TOO_BIG = Reply(554, "5.3.4", "Message exceeds fixed size limit", "size")
+#: Not in the spec's table: a MIME tree too deep for the attachment check to walk.
+TOO_DEEPLY_NESTED = Reply(554, "5.6.0", "Message structure too deeply nested", "mime_depth")
 
 
 def forbidden_attachment(extension: str) -> Reply:
@@ -65,6 +67,9 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients", "too_many_recip
 RATE_LIMITED = Reply(451, "4.7.1", "Rate limit exceeded, please retry later", "rate_limited")
 DAILY_LIMIT = Reply(451, "4.7.1", "Daily sending limit reached, please retry later", "daily_limit")
 AUTH_THROTTLED = Reply(421, "4.7.0", "Too many authentication failures", "auth_throttled")
+TOO_MANY_CONNECTIONS = Reply(
+    421, "4.7.0", "Too many connections from your address, please retry later", "connections"
+)
 AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")

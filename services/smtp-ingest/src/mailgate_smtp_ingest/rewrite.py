@@ -250,4 +250,4 @@ def render(
     if transfer_encoding is not None:
         out += b"Content-Transfer-Encoding: " + transfer_encoding + nl
     rest = body if body is not None else prepared.rest
-    return bytes(out + (rest or nl))
+    return b"".join((out, rest or nl))  # one copy of a (possibly 10 MB) body, not two

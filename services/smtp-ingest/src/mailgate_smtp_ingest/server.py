@@ -52,9 +52,11 @@ class Intake:
     is between RCPT and DATA may still complete its message; new MAIL commands get 421.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_connections_per_ip: int = 0) -> None:
         self.sessions: set[MailgateSMTP] = set()
         self.draining = False
+        self.max_connections_per_ip = max_connections_per_ip
+        self._per_ip: collections.Counter[str] = collections.Counter()
         self._in_data = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -62,6 +64,21 @@ class Intake:
     @property
     def in_data(self) -> int:
         return self._in_data
+
+    def admit(self, ip: str | None) -> bool:
+        """Count a new connection from ``ip``; ``False`` (not counted) when it has too many."""
+        if ip is None:
+            return True
+        if 0 < self.max_connections_per_ip <= self._per_ip[ip]:
+            return False
+        self._per_ip[ip] += 1
+        return True
+
+    def release(self, ip: str | None) -> None:
+        if ip is not None and self._per_ip[ip] > 0:
+            self._per_ip[ip] -= 1
+            if not self._per_ip[ip]:
+                del self._per_ip[ip]
 
     def enter_data(self) -> None:
         self._in_data += 1
@@ -167,16 +184,33 @@ class MailgateSMTP(SMTP):
         self.metrics = metrics
         self.max_message_size = max_message_size
         self.implicit_tls = implicit_tls
+        self._admitted_ip: str | None = None
+        self._refused = False
 
     # --- connection bookkeeping ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # a new connection (STARTTLS calls this again)
+            peer = transport.get_extra_info("peername")
+            ip = str(peer[0]) if isinstance(peer, tuple) and peer else None
+            if not self.intake.admit(ip):  # slowloris: one address cannot hold every slot
+                self._refused = True
+                self.metrics.rejected.labels(replies.TOO_MANY_CONNECTIONS.reason).inc()
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())
+                transport.close()
+                return
+            self._admitted_ip = ip
         super().connection_made(transport)
         if self not in self.intake.sessions:
             self.intake.sessions.add(self)
             self.metrics.sessions.inc()
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        self.intake.release(self._admitted_ip)
+        self._admitted_ip = None
         if self in self.intake.sessions:
             self.intake.sessions.discard(self)
             self.metrics.sessions.dec()

@@ -36,6 +36,10 @@ from .rewrite import HeaderField, PreparedMessage, render
 
 #: A click token carries the URL; the tracker refuses tokens longer than 4096 characters.
 MAX_TRACKED_URL_BYTES = 2800
+#: More click links than this in one message (a campaign has tens) is abuse, not mail: every
+#: link costs a signature per recipient (10 MB of links: 300k signatures, ~300 MB, ~30 s per
+#: copy). Such a body is passed through untouched (the headers-only rewrite, counted).
+MAX_TRACKED_LINKS = 1000
 #: RFC 5322 line limit (998 + CRLF); a 7bit/8bit part that would exceed it becomes QP.
 _MAX_LINE = 998
 #: Longest mailgate_id assumed when checking line lengths (ULIDs have 26 characters).
@@ -308,6 +312,8 @@ def _slots_for(
             if len(url.encode("utf-8", "surrogatepass")) > MAX_TRACKED_URL_BYTES:
                 continue
             found.append((start, end, Slot("click", url=url, original=value)))
+            if len(found) > MAX_TRACKED_LINKS:
+                raise ValueError("too many links to track")  # see MAX_TRACKED_LINKS
     for match in _UNSUB_TAG.finditer(data):
         found.append((match.start(), match.end(), Slot("unsubscribe")))
     if html_part:
@@ -435,7 +441,16 @@ def plan_body(
     parts_found = walk_body(
         rest, fields, _blank_len(rest), strict=False, into_attached_messages=False
     )
-    splices = [s for s in (_splice_for(rest, p, newline, links) for p in parts_found) if s]
+    splices: list[_Splice] = []
+    tracked = 0
+    for found in parts_found:
+        splice = _splice_for(rest, found, newline, links)
+        if splice is None:
+            continue
+        tracked += sum(1 for slot in splice.part.slots if slot.kind == "click")
+        if tracked > MAX_TRACKED_LINKS:
+            raise ValueError("too many links to track")
+        splices.append(splice)
     top_cte = None
     gaps: list[bytes] = []
     parts: list[PartTemplate] = []

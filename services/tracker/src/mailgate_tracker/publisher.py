@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
-from mailgate_core.nats import PublishError, publish_event
+from mailgate_core.nats import PublishError, publish_events
 from mailgate_core.schemas import Event
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -36,6 +36,8 @@ FAILURE_LOG_INTERVAL_S = 10.0
 #: Room beyond ``capacity`` kept for events a caller waits on (unsubscribes): a backlog of
 #: opens and clicks never turns a person's unsubscribe away.
 DURABLE_RESERVE = 1_000
+#: Events one publisher task publishes at once.
+BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -198,21 +200,26 @@ class EventBuffer:
             if not self.connected():
                 self._resume_at = time.monotonic() + 0.1
                 continue
-            item = self._queue.popleft()
+            # Up to BATCH events at once: their publishes go out back to back and the acks
+            # are awaited together (one round trip for the lot, not one each).
+            items = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
             self._room.set()
             try:
-                await publish_event(self.js, item.event, timeout=self.publish_timeout_s)
+                await publish_events(
+                    self.js, [item.event for item in items], timeout=self.publish_timeout_s
+                )
             except PublishError as exc:
-                self._queue.appendleft(item)
+                self._queue.extendleft(reversed(items))  # Nats-Msg-Id: a re-publish is harmless
                 self._failed(exc)
                 continue
             except asyncio.CancelledError:
-                self._queue.appendleft(item)  # counted by close()
+                self._queue.extendleft(reversed(items))  # counted by close()
                 raise
             self._backoff_s = BACKOFF_MIN_S
-            self.metrics.published.labels(item.event.subject()).inc()
-            if item.done is not None and not item.done.done():
-                item.done.set_result(None)
+            for item in items:
+                self.metrics.published.labels(item.event.subject()).inc()
+                if item.done is not None and not item.done.done():
+                    item.done.set_result(None)
 
     def _failed(self, exc: Exception) -> None:
         self.metrics.failures.inc()

@@ -1,0 +1,301 @@
+"""End to end: N messages from SMTP to the Postal sandbox and on to a customer webhook.
+
+The whole stack runs as ``make run`` starts it (``mailgate_fakes.stack``: nats-server with
+sync_interval always, Postgres, the Postal sandbox, AMS/Postmaster fakes and every service as
+its own process; smtp-ingest with ``SMTP_WORKERS``), plus a customer webhook receiver in this
+process registered through the admin API. 20 SMTP sessions (STARTTLS, AUTH, connection
+reuse) send N campaign-like 2 KB messages, one recipient each.
+
+Figures: the SMTP intake rate; the sustained rate (N / first send to last Postal receipt);
+p50/p99 from each message's 250 to the sandbox's receipt (its ``timestamp``) and to the first
+``sent`` webhook at the receiver. Exactly-once is asserted by Message-ID in the sandbox
+(every 250's mailgate id once, nothing else). Peak RSS (VmHWM) of every service process.
+``BENCH_E2E_COUNT`` (default 20,000; quick mode 100), ``BENCH_E2E_SMTP_WORKERS`` (2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from bench_smtp import SESSIONS, SmtpError, campaign_message, dot_stuffed
+from mailgate_fakes.infra import free_port
+from mailgate_fakes.stack import SERVICES, Stack
+
+from common import Options, Row, peak_rss_bytes, percentile, process_tree_cpu_s, tree_pids
+
+SENDER = "news@shop.example.com"
+PATH_SERVICES = ("ledger", "smtp-ingest", "postal-sender", "webhook-ingest", "ams-reporter")
+_QUEUED = re.compile(rb"queued as ([0-9A-Z]{26})")
+
+
+class Receiver:
+    """The customer's webhook endpoint: first arrival time of each (mailgate_id, event)."""
+
+    def __init__(self) -> None:
+        self.first: dict[tuple[str, str], float] = {}
+        self.deliveries = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        now = time.time()
+        for item in body if isinstance(body, list) else [body]:
+            self.deliveries += 1
+            key = (item["message"]["mailgate_id"], item["event"]["name"])
+            self.first.setdefault(key, now)
+        return web.json_response({"ok": True})
+
+    def count(self, event: str) -> int:
+        return sum(1 for _, name in self.first if name == event)
+
+
+async def _session(
+    port: int,
+    tls: ssl.SSLContext,
+    user: str,
+    password: str,
+    data: bytes,
+    count: int,
+    index: int,
+    accepted: dict[str, float],
+) -> None:
+    import base64
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def expect(code: int) -> bytes:
+        lines = []
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise SmtpError("connection closed")
+            lines.append(line)
+            if line[3:4] != b"-":
+                break
+        if int(line[:3]) != code:
+            raise SmtpError(f"expected {code}, got {b''.join(lines)[:200]!r}")
+        return b"".join(lines)
+
+    async def command(line: bytes, code: int) -> bytes:
+        writer.write(line + b"\r\n")
+        return await expect(code)
+
+    await expect(220)
+    await command(b"EHLO bench.example.com", 250)
+    await command(b"STARTTLS", 220)
+    await writer.start_tls(tls, server_hostname="localhost")
+    await command(b"EHLO bench.example.com", 250)
+    await command(b"AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()), 235)
+    for n in range(count):
+        await command(b"MAIL FROM:<" + SENDER.encode() + b">", 250)
+        await command(b"RCPT TO:<r%d-%d@example.org>" % (index, n), 250)
+        await command(b"DATA", 354)
+        writer.write(data + b".\r\n")
+        reply = await expect(250)
+        match = _QUEUED.search(reply)
+        if match is None:
+            raise SmtpError(f"no id in {reply!r}")
+        accepted[match.group(1).decode()] = time.time()
+    await command(b"QUIT", 221)
+    writer.close()
+
+
+def _sandbox_messages(url: str) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{url}/__sandbox/messages", timeout=60) as resp:  # noqa: S310
+        return list(json.loads(resp.read()))
+
+
+def _sandbox_count(url: str) -> int:
+    return len(_sandbox_messages(url))
+
+
+def _profile(stack: Stack) -> None:
+    """``BENCH_PROFILE=<dir>``: attach py-spy to every service (see common.spawn)."""
+    directory = os.environ.get("BENCH_PROFILE", "")
+    if not directory:
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    py_spy = Path(sys.executable).with_name("py-spy")
+    for name, proc in stack.procs.items():
+        out = Path(directory) / f"e2e-{name}.txt"
+        subprocess.Popen(  # noqa: S603 - py-spy from our venv; exits with its target
+            [
+                *(str(py_spy), "record", "--format", "raw", "-r", "100", "-o", str(out)),
+                *("--nonblocking", "--subprocesses", "--pid", str(proc.pid)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+
+def _ms(values: list[float], q: float) -> float:
+    return percentile(values, q) * 1000
+
+
+async def run(opts: Options) -> list[Row]:
+    count = 100 if opts.quick else int(os.environ.get("BENCH_E2E_COUNT", "20000"))
+    workers = os.environ.get("BENCH_E2E_SMTP_WORKERS", "2")
+    data = dot_stuffed(campaign_message(2048, links=4))
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hooks/mailgate", receiver.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    hook_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(dir=opts.tmp) as tmp_name:
+        stack = Stack.with_free_ports(
+            Path(tmp_name) / "stack",
+            sender_domains=("shop.example.com",),
+            env_overrides={"LOG_LEVEL": "warning"},
+            service_env={
+                "smtp-ingest": {"SMTP_WORKERS": workers},
+                "postal-sender": {"POSTAL_MAX_IN_FLIGHT": "32"},
+            },
+        )
+        stack.sandbox_args = ("--webhook-delay-ms", "0")
+        if opts.quick:  # the path of a message only: a faster start
+            stack.services = PATH_SERVICES
+        try:
+            t_start = time.monotonic()
+            await asyncio.to_thread(stack.start)
+            startup_s = time.monotonic() - t_start
+            account = await asyncio.to_thread(
+                stack.admin,
+                "POST",
+                "/v1/accounts",
+                {"name": "bench", "allowed_sender_domains": ["shop.example.com"], "tracking": True},
+            )
+            cred = await asyncio.to_thread(
+                stack.admin, "POST", f"/v1/accounts/{account['id']}/credentials", {"name": "ams"}
+            )
+            await asyncio.to_thread(
+                stack.admin,
+                "POST",
+                "/v1/email/webhook",
+                {"url": f"http://127.0.0.1:{hook_port}/hooks/mailgate", "events": ["sent"]},
+                account["api_token"],
+            )
+            _profile(stack)
+            pids = {n: p.pid for n, p in stack.procs.items()}
+            cpu0 = {n: process_tree_cpu_s(pid) for n, pid in pids.items()}
+            tls = ssl.create_default_context()
+            tls.check_hostname = False
+            tls.verify_mode = ssl.CERT_NONE
+            accepted: dict[str, float] = {}
+            per_session = [count // SESSIONS + (i < count % SESSIONS) for i in range(SESSIONS)]
+            sent_at = time.time()
+            t0 = time.perf_counter()
+            await asyncio.gather(
+                *(
+                    _session(
+                        stack.ports["smtp"],
+                        tls,
+                        cred["username"],
+                        cred["password"],
+                        data,
+                        n,
+                        i,
+                        accepted,
+                    )
+                    for i, n in enumerate(per_session)
+                    if n
+                )
+            )
+            smtp_s = time.perf_counter() - t0
+            # Wait for Postal and the webhooks (bounded), then read everything once.
+            deadline = time.monotonic() + (60 if opts.quick else 300)
+            postal_url = stack.postal_api_url
+            while time.monotonic() < deadline:
+                if receiver.count("sent") >= count:
+                    break
+                await asyncio.sleep(0.5)
+            cpu = {n: process_tree_cpu_s(pid) - cpu0[n] for n, pid in pids.items()}
+            messages = await asyncio.to_thread(_sandbox_messages, postal_url)
+            rss = {
+                name: max(peak_rss_bytes(pid) for pid in tree_pids(proc.pid))
+                for name, proc in stack.procs.items()
+                if name in SERVICES
+            }
+        finally:
+            await asyncio.to_thread(stack.stop)
+            await runner.cleanup()
+    ids = Counter(str(m["message_id"]).split("@")[0] for m in messages)
+    duplicates = sum(n - 1 for n in ids.values() if n > 1)
+    missing = [mid for mid in accepted if mid not in ids]
+    strangers = [mid for mid in ids if mid not in accepted]
+    if len(accepted) != count or duplicates or missing or strangers:
+        raise AssertionError(
+            f"exactly-once violated: {len(accepted)}/{count} accepted, {len(missing)} missing "
+            f"in Postal, {duplicates} duplicates, {len(strangers)} unknown"
+        )
+    received_at = {str(m["message_id"]).split("@")[0]: float(m["timestamp"]) for m in messages}
+    to_postal = sorted(received_at[mid] - at for mid, at in accepted.items())
+    to_hook = sorted(
+        receiver.first[(mid, "sent")] - at
+        for mid, at in accepted.items()
+        if (mid, "sent") in receiver.first
+    )
+    last_receipt = max(received_at.values())
+    sustained = count / (last_receipt - sent_at)
+    rows.append(
+        Row(
+            benchmark=f"e2e SMTP intake, {count:,} msgs, smtp-ingest x{workers}",
+            rate_per_s=count / smtp_s,
+            note=f"whole stack as processes (started in {startup_s:.0f}s); 2 KB, STARTTLS",
+        )
+    )
+    rows.append(
+        Row(
+            benchmark="e2e SMTP 250 -> Postal sandbox receipt",
+            rate_per_s=sustained,
+            p50_ms=_ms(to_postal, 0.5),
+            p99_ms=_ms(to_postal, 0.99),
+            note=f"sustained; exactly once: {len(ids):,} Message-IDs, 0 lost, 0 duplicated",
+        )
+    )
+    hooks_note = f"{len(to_hook):,}/{count:,} 'sent' webhooks ({receiver.deliveries:,} received)"
+    rows.append(
+        Row(
+            benchmark="e2e SMTP 250 -> customer webhook 'sent'",
+            rate_per_s=len(to_hook) / (max(receiver.first.values()) - sent_at)
+            if receiver.first
+            else None,
+            p50_ms=_ms(to_hook, 0.5) if to_hook else None,
+            p99_ms=_ms(to_hook, 0.99) if to_hook else None,
+            note=hooks_note,
+        )
+    )
+    rows.append(
+        Row(
+            benchmark="e2e CPU s per 1k msgs, per process",
+            cpu_s_per_1k=sum(cpu.values()) / count * 1000,
+            note=", ".join(
+                f"{name} {v / count * 1000:.2f}"
+                for name, v in sorted(cpu.items(), key=lambda kv: -kv[1])
+            )
+            + " (total in the cpu column)",
+        )
+    )
+    peak = max(rss.values())
+    rows.append(
+        Row(
+            benchmark="e2e peak RSS per service (VmHWM, MB)",
+            note=", ".join(f"{name} {v / 2**20:.0f}" for name, v in rss.items())
+            + f"; max {peak / 2**20:.0f} MB",
+        )
+    )
+    return rows
