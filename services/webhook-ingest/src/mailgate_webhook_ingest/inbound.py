@@ -116,7 +116,7 @@ def parse_post(body: bytes, content_type: str) -> InboundPost:
     else:
         try:
             params = _decoder.decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # RecursionError: a JSON bomb
             params = None
     if not isinstance(params, dict):
         return InboundPost("Unreadable", body)

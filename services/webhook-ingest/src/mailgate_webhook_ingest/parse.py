@@ -88,6 +88,8 @@ def parse_webhook(body: bytes, domain: str) -> PostalEvent:
         raise BadWebhook("bad_shape", f"not a Postal webhook: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadWebhook("bad_json", f"body is not JSON: {exc}") from None
+    except RecursionError:  # a JSON bomb: thousands of nested objects
+        raise BadWebhook("bad_json", "body is nested too deeply") from None
     if not _EVENT_NAME.match(envelope.event):
         raise BadWebhook("bad_shape", "event is not an event name")
     if not _UUID.match(envelope.uuid):

@@ -302,6 +302,9 @@ class Faults:
     def __post_init__(self) -> None:
         if self.timeout_s > 0 and self.timeout_requests == 0:
             self.timeout_requests = 1
+        self._validate()
+
+    def _validate(self) -> None:
         if self.timeout_mode not in ("after_send", "before_send"):
             raise ValueError("timeout_mode must be 'after_send' or 'before_send'")
         if self.outage_mode not in OUTAGE_MODES:
@@ -336,7 +339,9 @@ class Faults:
             setattr(self, name, value)
         if "timeout_s" in changes and "timeout_requests" not in changes:
             self.timeout_requests = 1 if self.timeout_s > 0 else 0
-        self.__post_init__()
+        # Not __post_init__: its "timeout_s without a count means one request" default would
+        # re-arm a spent timeout on every later, unrelated change (found by tests/chaos).
+        self._validate()
 
 
 @dataclass
