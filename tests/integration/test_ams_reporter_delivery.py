@@ -13,7 +13,13 @@ import aiohttp
 import msgspec
 from mailgate_ams_reporter.signing import verify_simple, verify_standard
 from mailgate_core.nats import publish_event
-from mailgate_core.schemas import StatusEvent, WebhookDeadLettered, decode, encode
+from mailgate_core.schemas import (
+    StatusEvent,
+    WebhookDeadLettered,
+    WebhookDelivered,
+    decode,
+    encode,
+)
 from mailgate_fakes.infra import NatsServer
 from mailgate_fakes.testing import eventually
 from structlog.testing import capture_logs
@@ -39,6 +45,71 @@ __all__ = ["receiver", "start_reporter"]  # fixtures
 async def dead_letter(js) -> WebhookDeadLettered:
     msg = await js.get_last_msg("MAIL", "mail.webhook_dead_lettered")
     return decode(msg.data, WebhookDeadLettered)
+
+
+async def delivery_records(js) -> list[WebhookDelivered]:
+    """Every ``mail.webhook_delivered`` in the MAIL stream, in order."""
+    info = await js.stream_info("MAIL", subjects_filter="mail.webhook_delivered")
+    count = (info.state.subjects or {}).get("mail.webhook_delivered", 0)
+    if not count:
+        return []
+    sub = await js.pull_subscribe("mail.webhook_delivered", stream="MAIL")
+    try:
+        msgs = await sub.fetch(count, timeout=5)
+    finally:
+        await sub.unsubscribe()
+    return [decode(m.data, WebhookDelivered) for m in msgs]
+
+
+async def test_a_delivery_is_recorded_once_as_mail_webhook_delivered_before_the_ack(
+    js, receiver: Receiver, start_reporter: StartReporter
+) -> None:
+    await put_endpoints(js, "acc1", endpoint("ep1", receiver.url()))
+    service = await start_reporter()
+    event = status_event("opened")
+    await publish_event(js, event)
+
+    await eventually(lambda: settled(js), what="message acked")
+    records = await delivery_records(js)  # published before the ack: already there
+    assert len(records) == 1
+    fact = records[0]
+    assert fact.subject() == "mail.webhook_delivered"
+    assert fact.event_id == f"wd-{event.event_id}-ep1"
+    assert fact.status_event_id == event.event_id
+    assert fact.status_name == "opened"
+    assert fact.message == event.message
+    assert (fact.endpoint_id, fact.url) == ("ep1", receiver.url())
+    assert (fact.http_status, fact.attempts) == (200, 1)
+    assert fact.duration_ms > 0
+    assert metric(service, "mailgate_webhook_delivery_records_failed_total") == 0
+
+
+async def test_recording_deliveries_can_be_turned_off(
+    js, receiver: Receiver, start_reporter: StartReporter
+) -> None:
+    await put_endpoints(js, "acc1", endpoint("ep1", receiver.url()))
+    service = await start_reporter(webhook_record_deliveries=False)
+    await publish_event(js, status_event("opened"))
+
+    await eventually(lambda: settled(js), what="message acked")
+    assert len(receiver.calls) == 1
+    assert outcome(service, "delivered") == 1
+    assert await delivery_records(js) == []
+
+
+async def test_a_delivery_that_cannot_be_recorded_is_acked_and_not_sent_again(
+    js, receiver: Receiver, start_reporter: StartReporter
+) -> None:
+    await put_endpoints(js, "acc1", endpoint("ep1", receiver.url()))
+    service = await start_reporter()
+    await js.delete_stream("MAIL")  # the fact's publish finds no stream
+    with capture_logs() as logs:
+        await publish_event(js, status_event("opened"))
+        await eventually(lambda: settled(js), what="message acked")
+    assert len(receiver.calls) == 1
+    assert outcome(service, "delivered") == 1
+    assert metric(service, "mailgate_webhook_delivery_records_failed_total") == 1
+    assert any(e["event"] == "webhook delivery not recorded" for e in logs)
 
 
 async def test_an_event_reaches_the_endpoint_with_the_exact_body_and_valid_signatures(
@@ -102,6 +173,8 @@ async def test_a_500_is_retried_through_the_retry_stream_and_then_delivered_once
     assert metric(service, "mailgate_webhook_failures_total", endpoint="ep1") == 1
     assert metric(service, "mailgate_webhook_attempts_total", endpoint="ep1") == 2
     assert len(receiver.calls) == 2
+    [fact] = await delivery_records(js)
+    assert (fact.status_event_id, fact.http_status, fact.attempts) == (event.event_id, 200, 2)
 
 
 async def test_a_retry_resends_only_to_the_endpoint_that_failed(
@@ -337,6 +410,9 @@ async def test_a_batch_endpoint_gets_json_arrays_flushed_by_size_and_time(
         assert verify_standard(SECRET, call.headers, call.body, now=time.time())
         assert verify_simple(SECRET, call.headers["X-Mailgate-Signature"], call.body)
     assert metric(service, "mailgate_webhook_batch_items_count") == len(bodies)
+    records = await delivery_records(js)  # one fact per event of each batch
+    assert sorted(r.status_event_id for r in records) == sorted(e.event_id for e in events)
+    assert {(r.endpoint_id, r.http_status) for r in records} == {("bulk", 200)}
 
 
 async def test_a_failed_batch_is_retried_item_by_item_until_every_event_is_delivered(

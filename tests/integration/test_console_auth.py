@@ -11,6 +11,8 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from mailgate_core import schemas as s
+from mailgate_core.nats import publish_event
 from mailgate_fakes.testing import eventually
 from test_ams_reporter_support import start_reporter
 from test_console_support import (
@@ -265,6 +267,63 @@ async def test_a_viewer_sees_only_its_own_account(start_ledger, js) -> None:
         assert status == 403
         status, _, _ = await web.post("/console/campaigns/73/stop", {})
         assert status == 403
+    finally:
+        await web.close()
+
+
+async def test_the_message_page_lists_delivered_webhooks_next_to_dead_letters(
+    start_ledger, js
+) -> None:
+    ledger = await start_ledger()
+    await create_operator(ledger, ADMIN_USER, ADMIN_PASSWORD)
+    mid = await accept_message(js, "01HACCOUNT000000000000000A", "ivan@example.ru")
+    ref = s.MessageRef(
+        mailgate_id=mid, account_id="01HACCOUNT000000000000000A", recipient="ivan@example.ru"
+    )
+    status = s.StatusEvent(name="opened", timestamp=1700000000, message=ref)
+    await publish_event(
+        js,
+        s.WebhookDelivered(
+            event_id=f"wd-{status.event_id}-ep-ok",
+            status_event_id=status.event_id,
+            status_name="opened",
+            message=ref,
+            endpoint_id="ep-ok",
+            url="https://ok.example.com/hook",
+            http_status=202,
+            attempts=2,
+            duration_ms=31.0,
+        ),
+    )
+    await publish_event(
+        js,
+        s.WebhookDeadLettered(
+            status=status,
+            endpoint_id="ep-bad",
+            url="https://bad.example.com/hook",
+            attempts=12,
+            reason="http 503",
+            http_status=503,
+        ),
+    )
+
+    async def both_recorded() -> bool:
+        code, body, _ = await ledger.call("GET", f"/v1/messages/{mid}/timeline")
+        return code == 200 and len(body["webhook_deliveries"]) == len(body["dead_letters"]) == 1
+
+    await eventually(both_recorded, what="delivery and dead letter recorded")
+    web = Browserless(ledger.base)
+    try:
+        assert (await web.sign_in(ADMIN_USER, ADMIN_PASSWORD))[0] == 303
+        status_code, html, _ = await web.get(f"/console/messages/{mid}")
+        assert status_code == 200
+        table = html[html.index('id="deliveries"') :]
+        rows = table.split("<tr")[2:]  # after the header row
+        delivered = next(r for r in rows if "https://ok.example.com/hook" in r)
+        dead = next(r for r in rows if "https://bad.example.com/hook" in r)
+        assert 'class="delivered"' in delivered
+        assert "<td>2</td><td>202</td>" in delivered and "/replay" not in delivered
+        assert "<td>12</td><td>503</td>" in dead and "/replay" in dead
     finally:
         await web.close()
 

@@ -134,6 +134,45 @@ async def test_accepted_submitted_delivered_builds_history_and_one_status_each(
     assert 'mailgate_ledger_events_total{subject_kind="mail.accepted"} 1.0' in metrics
 
 
+async def test_a_webhook_delivery_is_recorded_in_the_message_history_once(start_ledger, js) -> None:
+    ledger = await start_ledger()
+    mid = new_ulid()
+    await publish_event(js, _accepted(mid))
+    delivered = s.WebhookDelivered(
+        event_id=f"wd-st-x-ep1-{mid}",
+        status_event_id="st-x",
+        status_name="opened",
+        message=_ref(mid),
+        endpoint_id="ep1",
+        url="https://crm.example.com/hook",
+        http_status=200,
+        attempts=2,
+        duration_ms=8.25,
+    )
+    await publish_event(js, delivered)
+    # a redelivery that got past JetStream's de-duplication window: the ledger keeps one row
+    await js.publish(delivered.subject(), s.encode(delivered), headers={"Nats-Msg-Id": new_ulid()})
+    detail = await _message(ledger, mid, events=2)
+    [fact] = [e for e in detail["events"] if e["name"] == "webhook_delivered"]
+    assert fact["event_id"] == delivered.event_id
+
+    async def consumed() -> bool:
+        info = await js.consumer_info("MAIL", "ledger-mail")
+        return not info.num_pending and not info.num_ack_pending
+
+    await eventually(consumed, what="MAIL consumed")
+    code, timeline, _ = await ledger.call("GET", f"/v1/messages/{mid}/timeline")
+    assert code == 200
+    assert [e["name"] for e in timeline["timeline"]] == ["accepted", "webhook_delivered"]
+    assert "status_event" not in timeline["timeline"][-1]  # history only
+    [row] = timeline["webhook_deliveries"]
+    assert row["status_event"] == "opened" and row["status_event_id"] == "st-x"
+    assert (row["endpoint_id"], row["url"]) == ("ep1", "https://crm.example.com/hook")
+    assert (row["http_status"], row["attempts"], row["duration_ms"]) == (200, 2, 8.25)
+    assert timeline["dead_letters"] == []
+    assert await status_events(js) == []
+
+
 async def test_a_fact_published_twice_yields_one_status_event(start_ledger, js) -> None:
     ledger = await start_ledger()
     mid = new_ulid()

@@ -59,6 +59,35 @@ def test_mail_accepted_is_history_only() -> None:
     assert fact.mailgate_id == REF.mailgate_id
 
 
+def test_a_webhook_delivery_is_history_only_with_its_http_result() -> None:
+    event = s.WebhookDelivered(
+        event_id="wd-st-1-ep1",
+        occurred_at=1714400000.5,
+        status_event_id="st-1",
+        status_name="opened",
+        message=REF,
+        endpoint_id="ep1",
+        url="https://crm.example.com/hook",
+        http_status=204,
+        attempts=3,
+        duration_ms=12.5,
+    )
+    fact = classify(event)
+    assert (fact.name, fact.status, fact.timestamp) == ("webhook_delivered", None, 1714400000.5)
+    assert fact.mailgate_id == REF.mailgate_id and not fact.suppresses
+    assert fact.data == {
+        "endpoint_id": "ep1",
+        "url": "https://crm.example.com/hook",
+        "http_status": 204,
+        "attempts": 3,
+        "status_event": "opened",
+        "status_event_id": "st-1",
+        "duration_ms": 12.5,
+    }
+    assert event.subject() == "mail.webhook_delivered"
+    assert s.decode_subject("mail.webhook_delivered", s.encode(event)) == event
+
+
 def test_held_and_failed_delivery_say_why() -> None:
     assert classify(_postal("MessageHeld", details="held")).data["reason"] == "held"
     fact = classify(_postal("MessageDeliveryFailed", output="connection refused"))

@@ -22,6 +22,7 @@ _DESCRIPTIONS = {
     "mail.submitted": "Postal accepted the message (send/raw success).",
     "mail.failed": "Postal refused the message for good, or retries ran out.",
     "mail.webhook_dead_lettered": "A status event ams-reporter could not deliver to an endpoint.",
+    "mail.webhook_delivered": "A status event ams-reporter delivered to an endpoint (2xx).",
     "postal.*": "A verified Postal webhook; the last token is Postal's event name.",
     "track.open": "An open-pixel load.",
     "track.click": "A tracked link click.",
@@ -40,6 +41,7 @@ _PRODUCERS = {
     "status": "ledger",
     "stats": "stats-poller",
     "mail.webhook_dead_lettered": "ams-reporter",
+    "mail.webhook_delivered": "ams-reporter",
     "stats.campaign.autostopped": "ams-reporter",
     "stats.campaign.resumed": "ams-reporter",
 }

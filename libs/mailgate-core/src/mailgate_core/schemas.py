@@ -253,6 +253,29 @@ class WebhookDeadLettered(Event, frozen=True, kw_only=True):
     http_status: int | None = None
 
 
+class WebhookDelivered(Event, frozen=True, kw_only=True):
+    """ams-reporter delivered a status event to one endpoint (a 2xx answer).
+
+    Published on ``mail.webhook_delivered`` (MAIL stream: a fact in the message's history)
+    with ``event_id`` ``wd-{status_event_id}-{endpoint_id}``, so a redelivery is de-duplicated
+    by JetStream and the ledger. A batched delivery gives one fact per event of the batch.
+    """
+
+    subject_prefix: ClassVar[str] = "mail.webhook_delivered"
+
+    status_event_id: str
+    status_name: str
+    message: MessageRef
+    """The status event's message."""
+    endpoint_id: str
+    url: str = ""
+    http_status: int = 0
+    attempts: int = 1
+    """HTTP attempts this delivery took, the successful one included."""
+    duration_ms: float = 0.0
+    """Duration of the successful HTTP attempt (the whole POST of a batch)."""
+
+
 # --- stats.* (stats-poller) ---------------------------------------------------------------
 
 
@@ -358,6 +381,7 @@ SUBJECTS: dict[str, type[Event]] = {
     "mail.submitted": MailSubmitted,
     "mail.failed": MailFailed,
     "mail.webhook_dead_lettered": WebhookDeadLettered,
+    "mail.webhook_delivered": WebhookDelivered,
     "postal.*": PostalEvent,
     "track.open": TrackOpen,
     "track.click": TrackClick,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
@@ -30,6 +30,8 @@ SNIPPET_CHARS = 200
 @dataclass(frozen=True)
 class Delivered:
     status: int
+    duration_s: float = field(default=0.0, compare=False)
+    """How long the successful POST took (a batch's whole POST)."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class Deliverer:
         if is_forbidden_host(url.host, allow_private=self._allow_private):
             return Refused("non-public address")
         headers = signed_headers(endpoint.secret, webhook_id, int(time.time()), body)
+        started = time.monotonic()
         try:
             async with self._session.post(
                 url, data=body, headers=headers, allow_redirects=False
@@ -133,7 +136,7 @@ class Deliverer:
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
             return Failed(f"http error: {type(exc).__name__}")
         if 200 <= status < 300:
-            return Delivered(status)
+            return Delivered(status, time.monotonic() - started)
         return Failed(
             f"http {status}",
             status,

@@ -17,7 +17,13 @@ import msgspec
 import structlog
 from mailgate_core.nats import Ack, Nak, Outcome, PublishError, Term, delivery_count, publish_event
 from mailgate_core.records import EndpointRecord
-from mailgate_core.schemas import SchemaError, StatusEvent, WebhookDeadLettered, decode
+from mailgate_core.schemas import (
+    SchemaError,
+    StatusEvent,
+    WebhookDeadLettered,
+    WebhookDelivered,
+    decode,
+)
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -49,13 +55,22 @@ class Dispatcher:
         lanes: Lanes,
         metrics: WebhookMetrics,
         batch: BatchConfig,
+        records: DeliveryRecords | None = None,
     ) -> None:
         self._deliverer = deliverer
         self.lanes = lanes
         self._metrics = metrics
+        self._records = records
         self.batcher = Batcher(self._post, batch)
 
-    async def send(self, event: StatusEvent, endpoint: EndpointRecord) -> AttemptResult:
+    async def send(
+        self, event: StatusEvent, endpoint: EndpointRecord, *, attempt: int = 1
+    ) -> AttemptResult:
+        """One try; ``attempt`` is its number (1 = first try), recorded with a success.
+
+        A success is recorded (``mail.webhook_delivered``) before this returns, so before the
+        caller acks its message; each event of a batch records its own fact, concurrently
+        with the others (every item's caller runs here in its own task)."""
         lane = self.lanes.get(endpoint.id)
         if lane.breaker.is_open():
             return self._defer(endpoint.id, "circuit_open")
@@ -68,6 +83,8 @@ class Dispatcher:
             lag_s = max(0.0, time.time() - event.occurred_at)
             self._metrics.lag.observe(lag_s)
             self._metrics.endpoint_lag.labels(endpoint.id).set(lag_s)
+            if self._records is not None:
+                await self._records.record(event, endpoint, result, attempt)
         return result
 
     async def _post(
@@ -111,6 +128,42 @@ class Dispatcher:
 
     async def close(self) -> None:
         await self.batcher.close()
+
+
+class DeliveryRecords:
+    """Publishes ``mail.webhook_delivered`` for each successful delivery (the ledger shows it
+    in the message's history). Best effort: a failed publish is logged and counted, never
+    retried by re-sending the webhook."""
+
+    def __init__(self, js: JetStreamContext, metrics: WebhookMetrics) -> None:
+        self._js = js
+        self._metrics = metrics
+
+    async def record(
+        self, event: StatusEvent, endpoint: EndpointRecord, result: Delivered, attempts: int
+    ) -> None:
+        fact = WebhookDelivered(
+            event_id=f"wd-{event.event_id}-{endpoint.id}",
+            status_event_id=event.event_id,
+            status_name=event.name,
+            message=event.message,
+            endpoint_id=endpoint.id,
+            url=endpoint.url,
+            http_status=result.status,
+            attempts=attempts,
+            duration_ms=round(result.duration_s * 1000, 3),
+        )
+        try:
+            await publish_event(self._js, fact)
+        except Exception as exc:  # PublishError, or the connection is closing
+            self._metrics.delivery_records_failed.inc()
+            log.warning(
+                "webhook delivery not recorded",
+                mailgate_id=event.message.mailgate_id,
+                event_id=event.event_id,
+                endpoint_id=endpoint.id,
+                error=str(exc),
+            )
 
 
 def dead_letter_id(event: StatusEvent, endpoint_id: str) -> str:
@@ -353,7 +406,7 @@ class RetryHandler:
                 event, endpoint, tries, last, lane.last_http_status or task.http_status
             )
 
-        result = await self._dispatcher.send(event, endpoint)
+        result = await self._dispatcher.send(event, endpoint, attempt=tries + 1)
         self._metrics.outcomes.labels(_outcome_name(result)).inc()
         _log_result(event, endpoint.id, result, tries=tries + 1)
         if isinstance(result, Delivered | Refused):

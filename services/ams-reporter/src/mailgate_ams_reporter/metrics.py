@@ -47,6 +47,12 @@ class WebhookMetrics:
             ["endpoint"],
             registry=registry,
         )
+        self.delivery_records_failed = Counter(
+            "mailgate_webhook_delivery_records_failed",
+            "Successful deliveries whose mail.webhook_delivered fact could not be published "
+            "(the webhook is not sent again; the message history lacks that row).",
+            registry=registry,
+        )
         self.retries_queued = Counter(
             "mailgate_webhook_retries_queued",
             "Deliveries moved to the retry stream after their first try.",

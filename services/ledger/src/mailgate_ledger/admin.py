@@ -358,6 +358,22 @@ def timeline_entry(row: Mapping[str, Any]) -> dict[str, Any]:
     return entry
 
 
+def webhook_delivery_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``webhook_delivered`` fact (``mail.webhook_delivered``) as a delivery row."""
+    data = row["data"] or {}
+    return {
+        "event_id": row["event_id"],
+        "delivered_at": _iso(row["occurred_at"]),
+        "status_event": data.get("status_name"),
+        "status_event_id": data.get("status_event_id"),
+        "endpoint_id": data.get("endpoint_id"),
+        "url": data.get("url", ""),
+        "attempts": data.get("attempts", 1),
+        "http_status": data.get("http_status"),
+        "duration_ms": data.get("duration_ms"),
+    }
+
+
 def suppression_view(row: Mapping[str, Any]) -> dict[str, Any]:
     return {"email": row["email"], "reason": row["reason"], "created_at": _iso(row["created_at"])}
 
@@ -1116,8 +1132,8 @@ async def get_message(request: web.Request) -> web.Response:
 
 
 async def message_timeline(request: web.Request) -> web.Response:
-    """What happened to a message, in order, with the customer event each fact produced and
-    the webhook deliveries that were dead-lettered."""
+    """What happened to a message, in order, with the customer event each fact produced, the
+    webhook deliveries that succeeded and those that were dead-lettered."""
     mailgate_id = request.match_info["mailgate_id"]
     async with _ctx(request).pool.acquire() as conn:
         answer, _row, _events = await message_timeline_data(conn, mailgate_id)
@@ -1146,6 +1162,9 @@ async def message_timeline_data(
         "recipient": row["recipient"],
         "status": row["status"],
         "timeline": [timeline_entry(e) for e in events],
+        "webhook_deliveries": [
+            webhook_delivery_view(e) for e in events if e["name"] == "webhook_delivered"
+        ],
         "dead_letters": [dead_letter_view(d) for d in dead],
     }
     return answer, row, events

@@ -791,6 +791,11 @@ def openapi_document() -> dict[str, Any]:
                                 },
                             },
                         },
+                        "webhook_deliveries": {
+                            "type": "array",
+                            "items": _ref("WebhookDelivery"),
+                            "description": "Successful deliveries (mail.webhook_delivered).",
+                        },
                         "dead_letters": {"type": "array", "items": _ref("DeadLetter")},
                     },
                 },
@@ -857,6 +862,20 @@ def openapi_document() -> dict[str, Any]:
                         "event_id": string,
                         "polled_at": {"type": "string", "format": "date-time"},
                         "updated_at": {"type": "string", "format": "date-time"},
+                    },
+                },
+                "WebhookDelivery": {
+                    "type": "object",
+                    "properties": {
+                        "event_id": string,
+                        "delivered_at": {"type": "string", "format": "date-time"},
+                        "status_event": {"enum": list(STATUS_NAMES)},
+                        "status_event_id": string,
+                        "endpoint_id": string,
+                        "url": string,
+                        "attempts": {"type": "integer"},
+                        "http_status": {"type": "integer"},
+                        "duration_ms": {"type": "number"},
                     },
                 },
                 "DeadLetter": {

@@ -26,6 +26,8 @@ Postal's delivery events go through ``bounces.classify_bounce`` (``docs/bounces.
   produces ``opened`` / ``clicked``; emitting Postal's too would count them twice.
 * ``mail.webhook_dead_lettered`` (ams-reporter gave up on an endpoint) is history only; the
   ledger also keeps it as a replayable dead letter.
+* ``mail.webhook_delivered`` (ams-reporter delivered a status event to an endpoint) is
+  history only.
 
 A message's status only moves forward by ``STATUS_RANK`` (facts arrive out of order: a
 ``delivered`` webhook may be consumed before ``mail.submitted``), while every fact still
@@ -49,6 +51,7 @@ from mailgate_core.schemas import (
     TrackOpen,
     TrackUnsubscribe,
     WebhookDeadLettered,
+    WebhookDelivered,
 )
 
 from .bounces import Bounce, classify_bounce, enhanced_code, smtp_code
@@ -177,6 +180,17 @@ def classify(event: Event) -> Fact:
             }
         )
         return Fact("webhook_dead_lettered", None, ts, data, event.status.message.mailgate_id)
+    if isinstance(event, WebhookDelivered):
+        data = {
+            "endpoint_id": event.endpoint_id,
+            "url": event.url,
+            "status_event": event.status_name,
+            "status_event_id": event.status_event_id,
+            "attempts": event.attempts,
+            "http_status": event.http_status,
+            "duration_ms": event.duration_ms,
+        }
+        return Fact("webhook_delivered", None, ts, data, event.message.mailgate_id)
     return Fact(event.subject(), None, ts)  # stats.*: history only
 
 

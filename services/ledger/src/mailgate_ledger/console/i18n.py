@@ -70,9 +70,7 @@ RU: dict[str, str] = {
     "Customer event": "Событие клиента",
     "Details": "Подробности",
     "Webhook deliveries": "Доставка вебхуков",
-    "Delivered to every endpoint (no failures recorded).": (
-        "Доставлено на все адреса (ошибок не записано)."
-    ),
+    "No webhook deliveries recorded.": "Доставок вебхуков не записано.",
     "Attempts": "Попытки",
     "HTTP result": "Ответ HTTP",
     "Reason": "Причина",
@@ -187,6 +185,7 @@ STATUS_RU = {
     "hard_bounced": "жёсткий отказ",
     "failed": "ошибка",
     "webhook_dead_lettered": "вебхук не доставлен",
+    "webhook_delivered": "вебхук доставлен",
 }
 
 

@@ -449,6 +449,7 @@ async def message(view: View) -> web.StreamResponse:
         message=admin.message_view(row),
         timeline=answer["timeline"],
         details=details,
+        deliveries=answer["webhook_deliveries"],
         dead_letters=answer["dead_letters"],
         headers=headers_we_set(row, view.ctx.domain),
     )
