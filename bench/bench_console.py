@@ -21,7 +21,14 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-from bench_ledger import ACCOUNT, ADMIN_TOKEN, _create_database, _message_rows, _settings
+from bench_ledger import (
+    ACCOUNT,
+    ADMIN_TOKEN,
+    MESSAGE_COLUMNS,
+    _create_database,
+    _message_rows,
+    _settings,
+)
 from mailgate_fakes.infra import NatsServer
 from mailgate_ledger.app import build
 from prometheus_client import CollectorRegistry
@@ -30,21 +37,6 @@ from common import Options, Row, percentile
 
 PASSWORD = "bench-console-password"  # noqa: S105 - a throwaway benchmark operator
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
-MESSAGE_COLUMNS = [
-    "mailgate_id",
-    "external_id",
-    "campaign_id",
-    "postal_id",
-    "postal_token",
-    "account_id",
-    "recipient",
-    "sender",
-    "subject",
-    "size",
-    "status",
-    "accepted_at",
-    "updated_at",
-]
 EVENT_COLUMNS = [
     "event_id",
     "mailgate_id",

@@ -170,6 +170,24 @@ async def _ingest_run(tmp: Path, pg_url: str, messages: int, batch: int, label: 
     )
 
 
+#: The ``messages`` columns of ``_message_rows`` tuples, in order (for COPY).
+MESSAGE_COLUMNS = [
+    "mailgate_id",
+    "external_id",
+    "campaign_id",
+    "postal_id",
+    "postal_token",
+    "account_id",
+    "recipient",
+    "sender",
+    "subject",
+    "size",
+    "status",
+    "accepted_at",
+    "updated_at",
+]
+
+
 def _message_rows(count: int, rng: random.Random) -> list[tuple[Any, ...]]:
     import datetime as dt
 
@@ -212,22 +230,7 @@ async def _lookup_run(tmp: Path, pg_url: str, count: int, samples: int) -> list[
         conn = await asyncpg.connect(database_url)
         try:
             t0 = time.perf_counter()
-            columns = [
-                "mailgate_id",
-                "external_id",
-                "campaign_id",
-                "postal_id",
-                "postal_token",
-                "account_id",
-                "recipient",
-                "sender",
-                "subject",
-                "size",
-                "status",
-                "accepted_at",
-                "updated_at",
-            ]
-            await conn.copy_records_to_table("messages", records=data, columns=columns)
+            await conn.copy_records_to_table("messages", records=data, columns=MESSAGE_COLUMNS)
             await conn.execute("ANALYZE messages")
             fill_s = time.perf_counter() - t0
         finally:
