@@ -30,11 +30,34 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
 
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
 _ERRORS = {"400": _PROBLEM, "401": _PROBLEM, "404": _PROBLEM, "503": _PROBLEM}
-_ACCOUNT_ID = {"name": "account_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _path(name: str) -> dict[str, Any]:
+    """A required string path parameter."""
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+_ACCOUNT_ID = _path("account_id")
 _PAGING = [
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
 ]
+
+
+# The ams-reporter control routes (resume, stop): same parameters, body and answers.
+_CAMPAIGN_CONTROL: dict[str, Any] = {
+    "parameters": [_path("campaign_id")],
+    "requestBody": {
+        "required": False,
+        "content": {"application/json": {"schema": _ref("ResumeRequest")}},
+    },
+    "responses": {
+        "200": _json(_ref("AutoStopMarker")),
+        **_ERRORS,
+        "409": _PROBLEM,
+        "502": _PROBLEM,
+    },
+}
 
 
 def _page(item: str) -> dict[str, Any]:
@@ -114,7 +137,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/accounts/{account_id}/credentials/{username}": {
                 "parameters": [
                     _ACCOUNT_ID,
-                    {"name": "username", "in": "path", "required": True, "schema": string},
+                    _path("username"),
                 ],
                 "patch": {
                     "summary": "Enable or disable a credential, or change its limits (null "
@@ -144,7 +167,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/accounts/{account_id}/credentials/{username}/password": {
                 "parameters": [
                     _ACCOUNT_ID,
-                    {"name": "username", "in": "path", "required": True, "schema": string},
+                    _path("username"),
                 ],
                 "post": {
                     "summary": "Rotate the password: a new one is generated and shown once",
@@ -225,7 +248,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/accounts/{account_id}/webhooks/{endpoint_id}/test": {
                 "parameters": [
                     _ACCOUNT_ID,
-                    {"name": "endpoint_id", "in": "path", "required": True, "schema": string},
+                    _path("endpoint_id"),
                 ],
                 "post": {
                     "summary": "Send a test event (delivered, data.test = true) to this "
@@ -281,9 +304,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/messages/{mailgate_id}": {
                 "get": {
                     "summary": "A message with its ids, status and event history",
-                    "parameters": [
-                        {"name": "mailgate_id", "in": "path", "required": True, "schema": string}
-                    ],
+                    "parameters": [_path("mailgate_id")],
                     "responses": {"200": _json(_ref("MessageDetail")), **_ERRORS},
                 }
             },
@@ -291,9 +312,7 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "What happened to a message, in order: each fact, the customer "
                     "event it produced, and dead-lettered webhook deliveries",
-                    "parameters": [
-                        {"name": "mailgate_id", "in": "path", "required": True, "schema": string}
-                    ],
+                    "parameters": [_path("mailgate_id")],
                     "responses": {"200": _json(_ref("Timeline")), **_ERRORS},
                 }
             },
@@ -302,7 +321,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Counts per status and per event (opens and clicks split into "
                     "human, machine and unknown audiences), and rates",
                     "parameters": [
-                        {"name": "campaign_id", "in": "path", "required": True, "schema": string},
+                        _path("campaign_id"),
                         {
                             "name": "account_id",
                             "in": "query",
@@ -318,7 +337,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "The campaign's automatic stops and resumes, as ams-reporter "
                     "published them (stats.campaign.autostopped/resumed), newest first",
                     "parameters": [
-                        {"name": "campaign_id", "in": "path", "required": True, "schema": string},
+                        _path("campaign_id"),
                         {
                             "name": "limit",
                             "in": "query",
@@ -345,19 +364,7 @@ def openapi_document() -> dict[str, Any]:
                     "Errors of ams-reporter are passed on (404 not stopped automatically, "
                     "409 stop in progress, 502 AMS refused); 503 when ams-reporter is "
                     "unavailable",
-                    "parameters": [
-                        {"name": "campaign_id", "in": "path", "required": True, "schema": string}
-                    ],
-                    "requestBody": {
-                        "required": False,
-                        "content": {"application/json": {"schema": _ref("ResumeRequest")}},
-                    },
-                    "responses": {
-                        "200": _json(_ref("AutoStopMarker")),
-                        **_ERRORS,
-                        "409": _PROBLEM,
-                        "502": _PROBLEM,
-                    },
+                    **_CAMPAIGN_CONTROL,
                 }
             },
             "/v1/campaigns/{campaign_id}/stop": {
@@ -367,19 +374,7 @@ def openapi_document() -> dict[str, Any]:
                     "stopped (reason manual; resume starts it again). Errors of ams-reporter "
                     "are passed on (409 an automatic stop is in progress, 502 AMS refused); "
                     "503 when ams-reporter is unavailable",
-                    "parameters": [
-                        {"name": "campaign_id", "in": "path", "required": True, "schema": string}
-                    ],
-                    "requestBody": {
-                        "required": False,
-                        "content": {"application/json": {"schema": _ref("ResumeRequest")}},
-                    },
-                    "responses": {
-                        "200": _json(_ref("AutoStopMarker")),
-                        **_ERRORS,
-                        "409": _PROBLEM,
-                        "502": _PROBLEM,
-                    },
+                    **_CAMPAIGN_CONTROL,
                 }
             },
             "/v1/campaigns": {
@@ -436,9 +431,7 @@ def openapi_document() -> dict[str, Any]:
                 "patch": {
                     "summary": "Disable/enable an operator or set its password (either ends "
                     "its console sessions)",
-                    "parameters": [
-                        {"name": "operator_id", "in": "path", "required": True, "schema": string}
-                    ],
+                    "parameters": [_path("operator_id")],
                     "requestBody": _body(
                         {
                             "type": "object",
@@ -490,18 +483,14 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             "/v1/dead-letters/{dead_letter_id}": {
-                "parameters": [
-                    {"name": "dead_letter_id", "in": "path", "required": True, "schema": string}
-                ],
+                "parameters": [_path("dead_letter_id")],
                 "get": {
                     "summary": "One dead letter with the status event it carries",
                     "responses": {"200": _json(_ref("DeadLetter")), **_ERRORS},
                 },
             },
             "/v1/dead-letters/{dead_letter_id}/replay": {
-                "parameters": [
-                    {"name": "dead_letter_id", "in": "path", "required": True, "schema": string}
-                ],
+                "parameters": [_path("dead_letter_id")],
                 "post": {
                     "summary": "Republish the status event to STATUS for this endpoint only "
                     "(same webhook-id, a fresh retry window)",
