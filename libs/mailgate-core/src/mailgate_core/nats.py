@@ -275,6 +275,12 @@ class PullWorker:
     """Per-message mode (see the class docstring); ``handle_batch`` is then unused."""
     concurrency: int = 100
     """Messages in hand at once in per-message mode."""
+    eager: bool = False
+    """Hand a fetch over as soon as one message is in: a one-message pull waits for it, then
+    a pull expiring after ``top_up_s`` takes what else is ready. (nats-py's fetch of N, when
+    the stream was empty, waits for N messages or ``fetch_timeout_s``: below saturation a
+    message could wait up to that timeout.) One more pull request per fetch."""
+    top_up_s: float = 0.002
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _sub: Any = field(default=None, init=False)
@@ -307,10 +313,22 @@ class PullWorker:
         """Messages being handled now (per-message mode)."""
         return self._in_flight
 
+    async def _pull(self, size: int) -> list[Msg]:
+        if not self.eager or size <= 1:
+            return list(await self._sub.fetch(size, timeout=self.fetch_timeout_s))
+        msgs = list(await self._sub.fetch(1, timeout=self.fetch_timeout_s))
+        try:
+            msgs += await self._sub.fetch(size - 1, timeout=self.top_up_s)
+        except (TimeoutError, nats.errors.TimeoutError):
+            pass
+        except Exception as exc:  # keep the message in hand; the next fetch tries again
+            log.debug("top-up fetch failed", durable=self.durable, error=str(exc))
+        return msgs
+
     async def _fetch(self, size: int) -> list[Msg] | None:
         """Up to ``size`` messages; ``None`` when the connection closed while stopping."""
         try:
-            return list(await self._sub.fetch(size, timeout=self.fetch_timeout_s))
+            return await self._pull(size)
         except (TimeoutError, nats.errors.TimeoutError):
             return []
         except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
@@ -366,7 +384,7 @@ class PullWorker:
             return
         while not self._stopping.is_set():
             try:
-                msgs = await self._sub.fetch(self.batch, timeout=self.fetch_timeout_s)
+                msgs = await self._pull(self.batch)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):

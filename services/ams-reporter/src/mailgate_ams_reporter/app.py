@@ -250,6 +250,7 @@ class AmsReporter(ServiceBase):
                 max_ack_pending=max(1000, 4 * s.delivery_concurrency),
                 concurrency=s.delivery_concurrency,
                 fetch_timeout_s=0.5,
+                eager=True,  # below saturation a delivery must not wait for a fuller batch
             )
         )
         self.workers.append(
@@ -308,7 +309,17 @@ class AmsReporter(ServiceBase):
             recent_s=s.autostop_recent_s,
         )
         self.workers.append(
-            PullWorker(self.js, STREAM, AUTOSTOP_DURABLE, FILTER, counter, batch=256)
+            PullWorker(
+                self.js,
+                STREAM,
+                AUTOSTOP_DURABLE,
+                FILTER,
+                counter,
+                batch=256,
+                # Confirmed acks (the counters are not idempotent), sent together: one write
+                # and one read for a batch's acks instead of a round trip each in turn.
+                settle_concurrency=64,
+            )
         )
         assert self.nc is not None
         self.control = Control(self.nc, self.stopper)

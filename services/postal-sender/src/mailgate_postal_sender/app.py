@@ -67,6 +67,8 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     retry_deadline_s: float = 86400.0
     retry_base_s: float = 1.0
     """First retry delay; it doubles per delivery (with jitter) up to 5 minutes."""
+    account_cache_s: float = 5.0
+    """How long an account's Postal API key read from KV is reused; 0 = read it per message."""
     ack_wait_s: float = 0.0
     """JetStream ack wait of the mail.accepted consumer; 0 = derived from the timeouts."""
     reconcile_enabled: bool = True
@@ -159,7 +161,11 @@ async def build(
     )
     service.health.add_check("postal", lambda: client.postal_alive)
     pending = await ensure_bucket(js, KV_PENDING, PENDING_TTL_S, settings.jetstream_replicas)
-    api_keys = ApiKeys(await js.key_value(KV_ACCOUNTS), Secret(settings.postal_api_key).reveal())
+    api_keys = ApiKeys(
+        await js.key_value(KV_ACCOUNTS),
+        Secret(settings.postal_api_key).reveal(),
+        cache_s=settings.account_cache_s,
+    )
     sender = Sender(
         js=js,
         client=client,
@@ -188,6 +194,11 @@ async def build(
                 batch=-(-settings.send_concurrency // fetchers),
                 ack_wait_s=ack_wait_s(settings),
                 settle_concurrency=settings.send_concurrency,
+                # Acks go out without waiting for the server's confirmation: each is sent
+                # after the message's output is durable, and a lost ack only redelivers a
+                # message whose submission record answers it without calling Postal.
+                sync_acks=False,
+                eager=True,  # below saturation a message must not wait for a full batch
             )
         )
     marker = FinalMarker(pending, metrics, submission_key)
@@ -200,6 +211,7 @@ async def build(
             handle_batch=per_message(marker.handle, 32),
             batch=128,
             settle_concurrency=32,
+            sync_acks=False,  # marking final is idempotent: a lost ack only repeats it
         )
     )
     if settings.reconcile_enabled:

@@ -23,6 +23,7 @@ makes the process ``os._exit(137)`` right after the N-th submission record is st
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -108,15 +109,34 @@ def store_record_retry() -> AsyncRetrying:
 
 
 class ApiKeys:
-    """The Postal API key for a message: its account's own key, else ``POSTAL_API_KEY``."""
+    """The Postal API key for a message: its account's own key, else ``POSTAL_API_KEY``.
 
-    def __init__(self, accounts: Any, default_api_key: str):
+    A key read from KV is reused for ``cache_s`` seconds (``ACCOUNT_CACHE_S``): one KV round
+    trip per account and period instead of one per message. A changed key takes effect
+    within that time; a missing or unreadable record is never cached."""
+
+    def __init__(self, accounts: Any, default_api_key: str, *, cache_s: float = 0.0):
         self._accounts = accounts
         self._default = default_api_key
+        self._cache_s = cache_s
+        self._cache: dict[str, tuple[float, str]] = {}
 
     async def for_account(self, account_id: str | None) -> str:
         if not account_id:
             return self._default
+        if self._cache_s > 0:
+            hit = self._cache.get(account_id)
+            now = time.monotonic()
+            if hit is not None and now < hit[0]:
+                return hit[1]
+            key = await self._read(account_id)
+            if len(self._cache) >= 10_000:
+                self._cache.clear()
+            self._cache[account_id] = (now + self._cache_s, key)
+            return key
+        return await self._read(account_id)
+
+    async def _read(self, account_id: str) -> str:
         try:
             entry = await self._accounts.get(account_id)
         except nats.js.errors.KeyNotFoundError as exc:
@@ -205,9 +225,7 @@ class Sender:
                 attempts=attempt,
             )
             try:
-                async for trying in store_record_retry():
-                    with trying:
-                        await self.submissions.put(key, _encoder.encode(record))
+                await self._store_record(key, record)
             except _NATS_TRANSIENT as exc:
                 # Postal has the message but we could not note it: redelivery will send again.
                 blog.error("submission record not stored", error=str(exc))
@@ -216,13 +234,22 @@ class Sender:
             self.metrics.submitted.inc()
             blog.info("submitted to postal", postal_id=outcome.postal_id)
             self._maybe_crash(blog)
-            try:
-                await self._note_pending(key, event, record)
-            except _NATS_TRANSIENT as exc:
-                # The submission record is stored: the redelivery writes it without Postal.
-                blog.warning("pending record not stored; will retry", error=str(exc))
+            # Both only need the submission record: write them at once (one round trip of
+            # waiting instead of two). Either failing naks; the redelivery redoes both from
+            # the record without calling Postal (the publish is de-duplicated by event id).
+            noted, published = await asyncio.gather(
+                self._note_pending(key, event, record),
+                self._publish_submitted(blog, event, record, attempt),
+                return_exceptions=True,
+            )
+            if isinstance(noted, BaseException):
+                if not isinstance(noted, _NATS_TRANSIENT):
+                    raise noted
+                blog.warning("pending record not stored; will retry", error=str(noted))
                 return Nak(self._backoff(attempt))
-            return await self._publish_submitted(blog, event, record, attempt)
+            if isinstance(published, BaseException):
+                raise published
+            return published
 
         if isinstance(outcome, Rejected):
             self.metrics.errors.labels(outcome.code).inc()
@@ -251,6 +278,19 @@ class Sender:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(CRASH_EXIT_STATUS)
+
+    async def _store_record(self, key: str, record: SubmissionRecord) -> None:
+        """Put the submission record; on a NATS error retry a few times in-process (tenacity
+        only then: building its state for every message cost more than the put's encoding)."""
+        data = _encoder.encode(record)
+        try:
+            await self.submissions.put(key, data)
+            return
+        except _NATS_TRANSIENT as exc:
+            log.warning("submission record put failed; retrying", key=key, error=str(exc))
+        async for trying in store_record_retry():
+            with trying:
+                await self.submissions.put(key, data)
 
     async def _note_pending(self, key: str, event: MailAccepted, record: SubmissionRecord) -> None:
         ref = event.message
