@@ -12,7 +12,9 @@ connection (EHLO, STARTTLS, EHLO, AUTH) per message or one connection reused for
 session's messages. Latency is from the end of DATA (the lone dot) to the 250 reply; CPU is
 the server process's (user + system) per 1000 messages.
 
-Run it alone: ``python bench/run.py --only smtp`` (``BENCH_SMTP_COUNT`` messages per row).
+Run it alone: ``python bench/run.py --only smtp`` (``BENCH_SMTP_COUNT`` messages per row,
+``BENCH_SMTP_CASES`` a part of the row labels to run, e.g. ``2 KB, STARTTLS, reused``, or
+``10 MB`` for the memory row alone; ``BENCH_SMTP_INGEST_ONLY=1`` measures smtp-ingest only).
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
 from mailgate_core.nats import KV_ACCOUNTS, KV_CREDENTIALS, provision
 from mailgate_core.passwords import hash_password
 from mailgate_core.records import AccountRecord, CredentialRecord
+from mailgate_core.runtime import loop_factory
 from mailgate_fakes.infra import NatsServer, free_port, wait_for_port
 from postfix import Postfix, ensure_postfix
 
@@ -313,17 +317,34 @@ class Server:
     """CPU of the server's durable storage in another process (smtp-ingest: nats-server)."""
 
 
-async def measure(server: Server, case: Case, count: int, tls: ssl.SSLContext) -> Row:
+def _drive_on_own_loop(port: int, data: bytes, count: int, **options: Any) -> tuple[Load, float]:
+    """``drive`` on an event loop of its own in the calling thread: uvloop (as the servers
+    run) unless ``BENCH_SMTP_CLIENT_LOOP=asyncio``. ``(load, the client's CPU seconds)``.
+
+    The client shares the 2 cores with the servers: on asyncio's loop and its pure-Python
+    TLS it used about a core, starving every column alike and compressing their ratios."""
+    factory = loop_factory(os.environ.get("BENCH_SMTP_CLIENT_LOOP", "uvloop"))
+    cpu0 = time.thread_time()
+    with asyncio.Runner(loop_factory=factory) as runner:
+        load = runner.run(drive(port, data, count, **options))
+    return load, time.thread_time() - cpu0
+
+
+async def measure(server: Server, case: Case, count: int, tls: ssl.SSLContext) -> tuple[Row, float]:
+    """The server's row and the client's CPU seconds per 1000 messages."""
     context = tls if case.tls else None
-    await drive(server.port, case.data, SESSIONS, tls=context, reuse=True, auth=server.auth)
+    options: dict[str, Any] = {"tls": context, "auth": server.auth}
+    await asyncio.to_thread(
+        _drive_on_own_loop, server.port, case.data, SESSIONS, reuse=True, **options
+    )
     cpu0 = server.cpu()
     storage0 = server.storage_cpu() if server.storage_cpu else 0.0
-    load = await drive(
-        server.port, case.data, count, tls=context, reuse=case.reuse, auth=server.auth
+    load, client_cpu = await asyncio.to_thread(
+        _drive_on_own_loop, server.port, case.data, count, reuse=case.reuse, **options
     )
     cpu = server.cpu() - cpu0
     storage = (server.storage_cpu() - storage0) if server.storage_cpu else None
-    return Row(
+    row = Row(
         benchmark=f"{server.name} {case.label}",
         rate_per_s=load.messages / load.elapsed_s,
         p50_ms=percentile(load.latencies_s, 0.5) * 1000,
@@ -331,6 +352,13 @@ async def measure(server: Server, case: Case, count: int, tls: ssl.SSLContext) -
         cpu_s_per_1k=cpu / load.messages * 1000,
         note="" if storage is None else f"+ nats-server {storage / load.messages * 1000:.3f}",
     )
+    return row, client_cpu / load.messages * 1000
+
+
+def _with_client_cpu(rows: list[Row], client_cpu: list[float]) -> list[Row]:
+    for row, cpu in zip(rows, client_cpu, strict=True):
+        row.note += f"; client {cpu:.3f} CPU s/1k"
+    return rows
 
 
 def _ratio_note(ours: Row, bare: Row, postfix: Row | None, workers: int) -> str:
@@ -351,6 +379,9 @@ async def _big_message_row(port: int, ingest: subprocess.Popen[bytes]) -> Row:
             b"\r\n\r\n", b"\r\n\r\n" + (b"x" * 998 + b"\r\n") * 10_000, 1
         )
     )
+    # Start the high-water marks at the current RSS: memory freed back to the system
+    # after earlier rows (below an older peak) would otherwise hide the message's cost.
+    reset = all(_reset_peak_rss(pid) for pid in tree_pids(ingest.pid))
     before = {pid: peak_rss_bytes(pid) for pid in tree_pids(ingest.pid)}
     started = time.perf_counter()
     for _ in range(4):
@@ -363,8 +394,18 @@ async def _big_message_row(port: int, ingest: subprocess.Popen[bytes]) -> Row:
         benchmark="smtp-ingest 10 MB message, peak RSS growth",
         rate_per_s=4 / elapsed,
         note=f"+{growth / 2**20:.0f} MB peak RSS in a worker ({growth / len(big):.1f}x the "
-        f"message); baseline {max(before.values()) / 2**20:.0f} MB",
+        f"message); baseline {max(before.values()) / 2**20:.0f} MB"
+        + ("" if reset else " (peak since start: VmHWM could not be reset)"),
     )
+
+
+def _reset_peak_rss(pid: int) -> bool:
+    """VmHWM := the current RSS (``/proc/<pid>/clear_refs`` 5, Linux 4.0+)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def _pids_cpu(procs: list[subprocess.Popen[bytes]]) -> Callable[[], float]:
@@ -384,8 +425,11 @@ async def run(opts: Options) -> list[Row]:
     ]
     if opts.quick:  # one row per server: 2 KB, STARTTLS, reused connection
         cases = cases[:1]
-    if os.environ.get("BENCH_SMTP_CASES"):  # e.g. "2 KB, STARTTLS, reused"
-        cases = [c for c in cases if os.environ["BENCH_SMTP_CASES"] in c.label] or cases
+    wanted = os.environ.get("BENCH_SMTP_CASES", "")
+    if wanted == "10 MB":  # only the memory row
+        cases = []
+    elif wanted:  # e.g. "2 KB, STARTTLS, reused"
+        cases = [c for c in cases if wanted in c.label] or cases
     rows: list[Row] = []
     postfix_note = ensure_postfix(os.environ.get("BENCH_INSTALL") == "1")
     with tempfile.TemporaryDirectory(dir=opts.tmp) as tmp_name:
@@ -463,22 +507,28 @@ async def run(opts: Options) -> list[Row]:
                 servers.append(
                     Server("postfix (hold queue)", postfix.port, postfix.cpu_s, auth=False)
                 )
+            if os.environ.get("BENCH_SMTP_INGEST_ONLY") == "1":  # quick before/after runs
+                servers = servers[:1]
             for case in cases:
-                measured = [await measure(server, case, count, client_tls) for server in servers]
+                results = [await measure(server, case, count, client_tls) for server in servers]
+                measured = [row for row, _ in results]
+                client_cpu = [cpu for _, cpu in results]
+                if len(measured) == 1:
+                    rows += _with_client_cpu(measured, client_cpu)
+                    continue
                 ours, theirs = measured[0], measured[1]
                 pf = measured[2] if len(measured) > 2 else None
                 ours.note = f"{_ratio_note(ours, theirs, pf, workers)}; {ours.note} CPU s/1k"
                 theirs.note = "accepts and discards; same client, same processes"
                 if pf is not None:
                     pf.note = "no AUTH (mynetworks); queue file fsynced before 250"
-                rows += measured
+                rows += _with_client_cpu(measured, client_cpu)
             if not opts.quick:
                 rows.append(await _big_message_row(smtp_port, ingest))
-            if postfix is not None:
-                held = postfix.held()
-                last = [r for r in rows if r.benchmark.startswith("postfix")][-1]
-                last.note += f"; {held} held"
-            else:
+            postfix_rows = [r for r in rows if r.benchmark.startswith("postfix")]
+            if postfix is not None and postfix_rows:
+                postfix_rows[-1].note += f"; {postfix.held()} held"
+            elif postfix is None:
                 rows.append(Row(benchmark="postfix (hold queue)", note=postfix_note))
         finally:
             _stop(ingest, timeout_s=30)

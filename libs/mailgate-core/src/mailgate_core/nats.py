@@ -74,6 +74,9 @@ KV_BUCKETS: dict[str, float | None] = {
     KV_ENDPOINTS: None,
     KV_SUBMISSIONS: 14 * DAY_S,
 }
+#: Buckets read with direct gets (``$JS.API.DIRECT.GET``: no JSON API request, no base64;
+#: a quarter of nats-server's CPU per get). smtp-ingest reads suppressions once per recipient.
+KV_DIRECT_GET = frozenset({KV_SUPPRESSIONS})
 OBJECT_STORE_MAIL = "mail-blobs"
 
 
@@ -147,6 +150,7 @@ async def provision(
                     bucket=bucket,
                     history=1,
                     ttl=ttl,
+                    direct=bucket in KV_DIRECT_GET,
                     storage=StorageType.FILE,
                     replicas=replicas,
                 )

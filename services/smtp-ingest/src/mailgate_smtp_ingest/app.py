@@ -12,6 +12,7 @@ from functools import partial
 
 import structlog
 from mailgate_core.config import BaseSettings, ConfigError, Secret
+from mailgate_core.nats import KV_SUPPRESSIONS
 from mailgate_core.service import ServiceBase
 from mailgate_core.tracking import TokenSigner
 from prometheus_client import CollectorRegistry
@@ -20,10 +21,12 @@ from . import replies
 from .auth import Authenticator
 from .directory import Directory
 from .handlers import IngestHandler, IntakeConfig
+from .memory import release_large_buffers_promptly
 from .metrics import Metrics
 from .policy import FailureThrottle
 from .rewrite import HeaderRules
 from .server import Intake, MailgateSMTP
+from .suppression_index import SuppressionIndex
 from .tls import context_from_pem, self_signed_pair, server_context
 from .tracking_rewrite import TrackingLinks
 
@@ -75,6 +78,11 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     object_store_timeout_s: float = 30.0
     kv_timeout_s: float = 2.0
     kv_resync_s: float = 60.0
+    suppression_index: bool = True
+    """Keep a Bloom filter of the suppression keys (suppression_index.py) so that a
+    recipient who is certainly not suppressed costs no KV get; ``false``: a get each."""
+    suppression_index_resync_s: float = 300.0
+    """How often that filter is rebuilt from a full snapshot of the bucket."""
     tracking_base_url: str = ""
     """Public base URL of the tracker; its open/click/unsubscribe URLs go into every copy."""
     tracking_secret: Secret = Secret("")
@@ -184,7 +192,22 @@ class SmtpIngestService(ServiceBase):
     async def connect(self) -> None:
         await super().connect()
         s = self.settings
-        self.directory = Directory(self.js, resync_s=s.kv_resync_s, timeout_s=s.kv_timeout_s)
+        nc = self.nc
+        index = None
+        if s.suppression_index:
+            index = SuppressionIndex(
+                self.js,
+                KV_SUPPRESSIONS,
+                resync_s=s.suppression_index_resync_s,
+                timeout_s=s.kv_timeout_s,
+                reconnects=lambda: nc.stats["reconnects"] if nc is not None else 0,
+            )
+        self.directory = Directory(
+            self.js,
+            resync_s=s.kv_resync_s,
+            timeout_s=s.kv_timeout_s,
+            suppression_index=index,
+        )
         throttle = FailureThrottle(limit=s.auth_failure_limit, window_s=s.auth_failure_window_s)
         user_throttle = FailureThrottle(
             limit=s.auth_failure_limit_per_user, window_s=s.auth_failure_window_s
@@ -300,6 +323,7 @@ async def build(
     settings: Settings, *, registry: CollectorRegistry | None = None
 ) -> SmtpIngestService:
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command
+    release_large_buffers_promptly()  # a 10 MB message costs its size, not a heap's growth
     tls_context, certificate_pem = load_tls(settings)
     service = SmtpIngestService(
         settings, registry=registry, tls_context=tls_context, certificate_pem=certificate_pem

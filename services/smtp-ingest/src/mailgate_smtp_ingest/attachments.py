@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+from collections.abc import Sequence
 from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
@@ -17,7 +18,7 @@ from email.utils import collapse_rfc2231_value
 from functools import lru_cache
 
 from . import replies
-from .mime import walk_message
+from .mime import MalformedMime, MimePart, body_start_after, walk_body, walk_message
 from .rewrite import HeaderField
 
 _FORBIDDEN = """
@@ -92,18 +93,37 @@ def _forbidden_in(fields: tuple[HeaderField, ...]) -> str | None:
     return None
 
 
-def find_forbidden_attachment(raw: bytes) -> str | None:
+def strict_parts(
+    raw: bytes, header: tuple[list[HeaderField], int, bool] | None = None
+) -> list[MimePart] | None:
+    """Every part of ``raw`` as the attachment check reads them (a strict walk that enters
+    attached messages), or ``None`` where the ``email`` package must be asked instead.
+    ``header``: ``scan_header_block(raw, 0, len(raw))`` when the caller has it."""
+    try:
+        if header is None:
+            return list(walk_message(raw, strict=True, into_attached_messages=True))
+        fields, blank, valid = header
+        if not valid:
+            return None  # walk_message raises MalformedMime for it
+        body_start, _ = body_start_after(raw, blank, len(raw))
+        return list(walk_body(raw, fields, body_start, strict=True, into_attached_messages=True))
+    except Exception:  # MalformedMime, or anything odd in a header
+        return None
+
+
+def find_forbidden_attachment(raw: bytes, parts: Sequence[MimePart] | None = None) -> str | None:
     """The first forbidden extension (e.g. ``.exe``) of any part of ``raw``, else ``None``;
     raises ``Rejected`` (554) for a MIME tree nested too deeply to be checked.
 
     The MIME tree is read on the bytes (mime.py: header blocks only, several times faster
     than the ``email`` parser on a 50 KB campaign); anything that reader is not sure to
-    see as the ``email`` package does is handed to the ``email`` package."""
+    see as the ``email`` package does is handed to the ``email`` package. ``parts``: the
+    result of ``strict_parts(raw)`` when the caller has it (not walked again)."""
     try:
-        declared = [
-            tuple(f for f in part.fields if f.key in _NAME_FIELDS)
-            for part in walk_message(raw, strict=True, into_attached_messages=True)
-        ]
+        walked = parts if parts is not None else strict_parts(raw)
+        if walked is None:
+            raise MalformedMime("left to the email package")
+        declared = [tuple(f for f in part.fields if f.key in _NAME_FIELDS) for part in walked]
     except Exception:  # MalformedMime, or anything odd in a header: ask the email package
         try:
             message = email.message_from_bytes(raw, policy=email.policy.compat32)

@@ -6,7 +6,9 @@ in memory by a KV watcher: changes (a new password, a disabled account) apply li
 watcher is re-created every ``resync_s`` and the mirror replaced wholesale from its initial
 snapshot, so a watcher that silently died (NATS restarted) costs at most one resync period.
 A cache miss falls back to a direct ``get`` (a credential created a moment ago).
-Suppression lists can be large, so they are not mirrored: one ``get`` per recipient.
+Suppression lists can be large, so they are not mirrored: a Bloom filter of their keys
+(suppression_index.py) answers "certainly not suppressed" for nearly every recipient, and
+any other recipient is read with ``get``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from .replies import TransientError
+from .suppression_index import SuppressionIndex
 
 log = structlog.get_logger()
 
@@ -167,8 +170,16 @@ class KvMirror(Generic[T]):
 class Directory:
     """Credentials, accounts and suppressions, as smtp-ingest needs them."""
 
-    def __init__(self, js: JetStreamContext, *, resync_s: float = 60.0, timeout_s: float = 2.0):
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        resync_s: float = 60.0,
+        timeout_s: float = 2.0,
+        suppression_index: SuppressionIndex | None = None,
+    ):
         self._js = js
+        self.suppression_index = suppression_index
         self._timeout_s = timeout_s
         self.credentials = KvMirror(
             js, KV_CREDENTIALS, CredentialRecord, resync_s=resync_s, timeout_s=timeout_s
@@ -184,10 +195,14 @@ class Directory:
         return self.credentials.synced and self.accounts.synced
 
     async def start(self) -> None:
+        if self.suppression_index is not None:
+            await self.suppression_index.start()  # (not awaited: gets until it is complete)
         await asyncio.gather(self.credentials.start(), self.accounts.start())
 
     async def stop(self) -> None:
         await asyncio.gather(self.credentials.stop(), self.accounts.stop())
+        if self.suppression_index is not None:
+            await self.suppression_index.stop()
 
     async def credential(self, username: str) -> CredentialRecord | None:
         return await self.credentials.fetch(username)
@@ -198,6 +213,8 @@ class Directory:
     async def suppression(self, account_id: str, email: str) -> SuppressionRecord | None:
         """The suppression of ``email`` for the account; TransientError when KV is down."""
         key = suppression_key(account_id, email)
+        if self.suppression_index is not None and self.suppression_index.rules_out(key):
+            return None
         try:
             async with asyncio.timeout(self._timeout_s):
                 if self._suppressions is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +23,11 @@ from nats.js import JetStreamContext
 from nats.js.object_store import ObjectStore
 
 from . import replies
-from .attachments import find_forbidden_attachment
+from .attachments import find_forbidden_attachment, strict_parts
 from .auth import Authenticator, Principal
 from .directory import Directory
 from .metrics import Metrics
+from .mime import CONTENT_FIELDS
 from .policy import (
     SendLimiter,
     declared_size,
@@ -35,12 +37,14 @@ from .policy import (
 )
 from .replies import Rejected, Reply, TransientError
 from .rewrite import (
+    HeaderField,
     HeaderRules,
     PreparedMessage,
     message_id_for,
     normalize_line_endings,
     prepare,
     render,
+    scan_header_block,
 )
 from .tracking_rewrite import MessagePlan, TrackingLinks, plan_message, render_copy
 
@@ -78,15 +82,25 @@ class _Inspected:
     plan: MessagePlan | None = None
 
 
+def _content_fields(fields: Sequence[HeaderField]) -> tuple[HeaderField, ...]:
+    return tuple(f for f in fields if f.key in CONTENT_FIELDS)
+
+
 def _inspect(raw: bytes, rules: HeaderRules, links: TrackingLinks | None) -> _Inspected:
-    """CPU-bound parsing, run in a thread for large messages."""
+    """CPU-bound parsing, run in a thread for large messages. The MIME tree is walked once:
+    the attachment check's walk is reused by the body plan (``lenient_parts``)."""
     raw = normalize_line_endings(raw)
-    extension = find_forbidden_attachment(raw)
+    header = scan_header_block(raw, 0, len(raw))
+    parts = strict_parts(raw, header)
+    extension = find_forbidden_attachment(raw, parts)
     if extension is not None:
         return _Inspected(extension, None)
-    prepared = prepare(raw, rules)
-    plan = plan_message(prepared, links) if links is not None else None
-    return _Inspected(None, prepared, plan)
+    prepared = prepare(raw, rules, header)
+    if links is None:
+        return _Inspected(None, prepared, None)
+    if parts and _content_fields(parts[0].fields) != _content_fields(prepared.fields):
+        parts = None  # a rule stripped a Content-* field: the plan reads what is left
+    return _Inspected(None, prepared, plan_message(prepared, links, parts=parts))
 
 
 class IngestHandler:
@@ -310,7 +324,7 @@ class IngestHandler:
         links, plan = self.config.links, inspected.plan
         if links is None or plan is None:
             return render(prepared, mailgate_id=mailgate_id, domain=domain)
-        if len(prepared.rest) > _THREAD_THRESHOLD_BYTES:
+        if prepared.body_size > _THREAD_THRESHOLD_BYTES:
             data, fell_back = await asyncio.to_thread(
                 render_copy, plan, links, mailgate_id=mailgate_id, domain=domain, tracking=tracking
             )

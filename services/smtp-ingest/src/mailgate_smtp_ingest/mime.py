@@ -24,7 +24,7 @@ from .rewrite import HeaderField, scan_header_block
 
 #: Nesting deeper than this is not walked (strict walks raise).
 MAX_DEPTH = 16
-_CONTENT_FIELDS = ("content-type", "content-transfer-encoding", "content-disposition")
+CONTENT_FIELDS = ("content-type", "content-transfer-encoding", "content-disposition")
 
 
 class MalformedMime(ValueError):
@@ -49,7 +49,7 @@ def content_info(fields: Sequence[HeaderField], default_type: str = "text/plain"
     """The part's content info. Campaigns repeat the same part headers message after
     message, so results are memoised by those header lines (the ``email`` package's
     parameter parsing is the costliest step of reading a small message)."""
-    content = tuple(f for f in fields if f.key in _CONTENT_FIELDS)
+    content = tuple(f for f in fields if f.key in CONTENT_FIELDS)
     return _content_info(content, default_type)
 
 
@@ -119,7 +119,7 @@ def split_multipart(buf: bytes, start: int, end: int, boundary: str) -> list[tup
     return spans
 
 
-def _body_start(buf: bytes, blank: int, end: int) -> tuple[int, bool]:
+def body_start_after(buf: bytes, blank: int, end: int) -> tuple[int, bool]:
     """``(offset after the blank line at blank, found)``; ``(end, False)`` without one."""
     if blank >= end:
         return end, False
@@ -131,7 +131,7 @@ def walk_message(buf: bytes, *, strict: bool, into_attached_messages: bool) -> I
     fields, blank, valid = scan_header_block(buf, 0, len(buf), stop_at_invalid=True)
     if not valid:
         raise MalformedMime("a header line is not a header field")
-    body_start, _ = _body_start(buf, blank, len(buf))
+    body_start, _ = body_start_after(buf, blank, len(buf))
     return walk_body(
         buf, fields, body_start, strict=strict, into_attached_messages=into_attached_messages
     )
@@ -167,7 +167,7 @@ def _child(
         if strict:
             raise MalformedMime(f"{what}: a header line is not a header field")
         return None  # left as received
-    body_start, has_body = _body_start(buf, blank, end)
+    body_start, has_body = body_start_after(buf, blank, end)
     return tuple(fields), _Span(start, body_start, end, has_body)
 
 

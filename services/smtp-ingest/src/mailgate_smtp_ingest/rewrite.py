@@ -11,28 +11,50 @@ expectations of byte identity and costs time per recipient.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.utils import getaddresses
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 _WSP = (b" ", b"\t")
 #: RFC 5322 field names: printable ASCII but the colon (what the email parser accepts too).
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+#: A field with CRLF line ends, no lone CR or LF, and its folded continuation lines: what
+#: nearly every message has (anything else takes the line-by-line path).
+_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+):[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 
 
-@dataclass(frozen=True)
 class HeaderField:
-    """One header field as received: first line, folded continuation lines, line ends."""
+    """One header field as received: first line, folded continuation lines, line ends.
+
+    A value object (equal and hashed by ``name`` and ``raw``; never changed); a plain class
+    with slots because a message makes dozens and their ``key`` is read many times."""
+
+    __slots__ = ("key", "name", "raw")
 
     name: str
     """The field name as written; ``""`` for a line that is not a header field."""
     raw: bytes
+    key: str
+    """The lower-cased name."""
 
-    @property
-    def key(self) -> str:
-        return self.name.lower()
+    def __init__(self, name: str, raw: bytes) -> None:
+        self.name = name
+        self.raw = raw
+        self.key = name.lower()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, HeaderField):
+            return NotImplemented
+        return self.name == other.name and self.raw == other.raw
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.raw))
+
+    def __repr__(self) -> str:
+        return f"HeaderField(name={self.name!r}, raw={self.raw!r})"
 
     def value(self) -> str:
         """Unfolded value text (RFC 5322 2.2.3), encoded words left as they are."""
@@ -58,7 +80,13 @@ def scan_header_block(
     fields: list[HeaderField] = []
     pos = start
     valid = True
+    field_match = _FIELD.match
     while pos < end:
+        plain = field_match(buf, pos, end)
+        if plain is not None:  # the common case, in one regex step
+            fields.append(HeaderField(plain.group(1).decode("ascii"), plain.group()))
+            pos = plain.end()
+            continue
         nl = buf.find(b"\n", pos, end)
         stop = end if nl < 0 else nl + 1
         line = buf[pos:stop]
@@ -97,14 +125,44 @@ def normalize_line_endings(raw: bytes) -> bytes:
     return _BARE_LF.sub(b"\r\n", raw)
 
 
+#: Header values up to this long are memoised (a campaign repeats its Subject and From
+#: message after message; the email package's decoders cost tens of microseconds each).
+_MEMO_MAX_CHARS = 998
+
+
 def decode_words(text: str) -> str:
     """Decode RFC 2047 encoded words (``=?utf-8?b?...?=``); the input when it cannot be."""
     if "=?" not in text:
         return text
+    if len(text) <= _MEMO_MAX_CHARS:
+        return _decode_words_memo(text)
+    return _decode_words(text)
+
+
+def _decode_words(text: str) -> str:
     try:
         return str(make_header(decode_header(text)))
     except (ValueError, LookupError, UnicodeError, MessageError):
         return text
+
+
+_decode_words_memo = lru_cache(maxsize=1024)(_decode_words)
+
+
+def addresses_in(values: Sequence[str]) -> tuple[str, ...]:
+    """The addresses in address-list header values (``From``), decoded words decoded."""
+    key = tuple(values)
+    if sum(len(v) for v in key) <= _MEMO_MAX_CHARS:
+        return _addresses_memo(key)
+    return _addresses(key)
+
+
+def _addresses(values: tuple[str, ...]) -> tuple[str, ...]:
+    decoded = [decode_words(v) for v in values]
+    return tuple(addr for _, addr in getaddresses(decoded) if addr)
+
+
+_addresses_memo = lru_cache(maxsize=1024)(_addresses)
 
 
 def message_id_for(mailgate_id: str, domain: str) -> str:
@@ -147,13 +205,29 @@ class PreparedMessage:
     """A message read once, ready to be rendered for each recipient."""
 
     fields: tuple[HeaderField, ...]
-    rest: bytes
+    source: bytes
+    """The message as received: the body is never copied out of it."""
+    body_offset: int
+    """Offset in ``source`` of the blank line ending the header block (``len(source)``
+    when there is none)."""
     newline: bytes
     external_id: str | None
     campaign_id: str | None
     subject: str
     from_addresses: tuple[str, ...]
     tracking_opt_out: bool = False
+    headers_valid: bool = True
+    """Every line of the header block is a header field (no stray line, no lone CR)."""
+
+    @property
+    def rest(self) -> memoryview:
+        """Everything after the header fields, from the blank line on (a view: a 10 MB body
+        is not copied)."""
+        return memoryview(self.source)[self.body_offset :]
+
+    @property
+    def body_size(self) -> int:
+        return len(self.source) - self.body_offset
 
 
 def _first_value(fields: list[HeaderField], names: tuple[str, ...]) -> str | None:
@@ -174,16 +248,18 @@ def _clean_id(value: str | None) -> str | None:
     return cleaned[:255] or None
 
 
-def prepare(raw: bytes, rules: HeaderRules) -> PreparedMessage:
-    """Read ids, subject and From, then drop the headers ``rules`` strip."""
-    fields, rest = split_header_block(raw)
+def prepare(
+    raw: bytes, rules: HeaderRules, header: tuple[list[HeaderField], int, bool] | None = None
+) -> PreparedMessage:
+    """Read ids, subject and From, then drop the headers ``rules`` strip. ``header``:
+    ``scan_header_block(raw, 0, len(raw))`` when the caller has it."""
+    fields, blank, valid = header if header is not None else scan_header_block(raw, 0, len(raw))
     first = fields[0].raw if fields else b""
     newline = b"\n" if first.endswith(b"\n") and not first.endswith(b"\r\n") else b"\r\n"
     external_id = _clean_id(_first_value(fields, rules.external_id_headers))
     campaign_id = _clean_id(_first_value(fields, rules.campaign_id_headers))
     subject = decode_words(next((f.value() for f in fields if f.key == "subject"), ""))
-    from_values = [decode_words(f.value()) for f in fields if f.key == "from"]
-    from_addresses = tuple(addr for _, addr in getaddresses(from_values) if addr)
+    from_addresses = addresses_in([f.value() for f in fields if f.key == "from"])
     opt_out = False
     if rules.tracking_header:
         switch = _first_value(fields, (rules.tracking_header,))
@@ -197,13 +273,15 @@ def prepare(raw: bytes, rules: HeaderRules) -> PreparedMessage:
         kept.append(f)
     return PreparedMessage(
         fields=tuple(kept),
-        rest=rest,
+        source=raw,
+        body_offset=blank,
         newline=newline,
         external_id=external_id,
         campaign_id=campaign_id,
         subject=subject,
         from_addresses=from_addresses,
         tracking_opt_out=opt_out,
+        headers_valid=valid,
     )
 
 
@@ -213,14 +291,15 @@ def render(
     mailgate_id: str,
     domain: str,
     extra_headers: tuple[tuple[str, str], ...] = (),
-    body: bytes | None = None,
+    body: bytes | Sequence[bytes | memoryview] | None = None,
     transfer_encoding: bytes | None = None,
 ) -> bytes:
     """The recipient's copy: our Message-ID (in place of the old one) and campaign headers.
 
-    ``extra_headers`` replace any field of the same name; ``body`` replaces everything
-    after the header block (from the blank line on), ``transfer_encoding`` the top-level
-    Content-Transfer-Encoding (a single-part body re-encoded by tracking_rewrite)."""
+    ``extra_headers`` replace any field of the same name; ``body`` (bytes, or pieces to
+    concatenate) replaces everything after the header block (from the blank line on),
+    ``transfer_encoding`` the top-level Content-Transfer-Encoding (a single-part body
+    re-encoded by tracking_rewrite)."""
     nl = prepared.newline
     message_id = b"Message-ID: " + message_id_for(mailgate_id, domain).encode() + nl
     replaced = {name.lower() for name, _ in extra_headers}
@@ -249,5 +328,12 @@ def render(
         out += name.encode() + b": " + value.encode() + nl
     if transfer_encoding is not None:
         out += b"Content-Transfer-Encoding: " + transfer_encoding + nl
-    rest = body if body is not None else prepared.rest
-    return b"".join((out, rest or nl))  # one copy of a (possibly 10 MB) body, not two
+    # One join: a (possibly 10 MB) body is copied once, into the recipient's copy.
+    if body is None:
+        rest = prepared.rest
+        return b"".join((out, rest if len(rest) else nl))
+    if isinstance(body, bytes):
+        return b"".join((out, body or nl))
+    if not any(len(piece) for piece in body):
+        return b"".join((out, nl))
+    return b"".join((out, *body))

@@ -51,6 +51,8 @@ _A_HREF = re.compile(
     re.IGNORECASE,
 )
 _HTTP_URL = re.compile(r"https?://", re.IGNORECASE)
+_BODY_END = re.compile(rb"</body", re.IGNORECASE)
+_HTML_END = re.compile(rb"</html", re.IGNORECASE)
 _LONG_LINE = re.compile(rb"[^\n]{%d}" % (_MAX_LINE + 1))
 _LONE_CR = re.compile(rb"\r(?!\n)")
 
@@ -144,13 +146,13 @@ class PartTemplate:
     """One text part cut into ``literals[0] slot[0] literals[1] ... literals[n]``."""
 
     html: bool
-    literals: tuple[bytes, ...]
+    literals: tuple[bytes | memoryview, ...]
     slots: tuple[Slot, ...]
     encoding: Encoding
     charset: str | None
     """Set when the working bytes are UTF-8 and must be encoded back to this charset."""
     newline: bytes
-    original: bytes
+    original: bytes | memoryview
     """The part's body as received (used when nothing would change)."""
     new_head: bytes | None = None
     """A replacement header block (CTE upgraded to QP); the splice then starts at the head."""
@@ -170,22 +172,33 @@ class PartTemplate:
             return _pixel(html.escape(r.open_url)).encode()
         return (html.escape(url) if self.html else url).encode()
 
-    def render(self, r: _Recipient) -> bytes:
+    def render(self, r: _Recipient) -> bytes | memoryview:
+        pieces = self.pieces(r)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def pieces(self, r: _Recipient) -> list[bytes | memoryview]:
+        """The rendered part as pieces to concatenate: an unencoded part is not joined
+        here (its literals are views into the message; the copy is made once, by the
+        caller's join)."""
         if self.new_head is None and not r.tracking and not self.has_unsubscribe:
-            return self.original  # nothing to change: the part stays as received
-        pieces = [self.literals[0]]
+            return [self.original]  # nothing to change: the part stays as received
+        pieces: list[bytes | memoryview] = [self.new_head or b"", self.literals[0]]
         for slot, literal in zip(self.slots, self.literals[1:], strict=True):
             pieces.append(self._fill(slot, r))
             pieces.append(literal)
-        data = b"".join(pieces)
+        if self.encoding == "identity" and self.charset is None:
+            return pieces
+        data = b"".join(pieces[1:])
         if self.charset is not None:
             data = data.decode("utf-8", "surrogateescape").encode(self.charset, "surrogateescape")
-        head = self.new_head or b""
+        del pieces[1:]  # (the parts are in ``data`` now)
         if self.encoding == "identity":
-            return head + data
-        if self.encoding == "base64":
-            return head + _encode_base64(data, self.newline)
-        return head + _encode_qp(data, self.newline)
+            pieces.append(data)
+        elif self.encoding == "base64":
+            pieces.append(_encode_base64(data, self.newline))
+        else:
+            pieces.append(_encode_qp(data, self.newline))
+        return pieces
 
 
 def _pixel(src: str) -> str:
@@ -217,8 +230,9 @@ def _encode_qp(data: bytes, newline: bytes) -> bytes:
 class BodyTemplate:
     """The message body (``rest`` from rewrite.prepare) with the parts to rewrite marked."""
 
-    gaps: tuple[bytes, ...]
-    """Untouched bytes around the parts: ``gaps[0] part[0] gaps[1] ... gaps[n]``."""
+    gaps: tuple[bytes | memoryview, ...]
+    """Untouched bytes around the parts: ``gaps[0] part[0] gaps[1] ... gaps[n]`` (views
+    into the received message, not copies)."""
     parts: tuple[PartTemplate, ...]
     top_cte: bytes | None = None
     """A new Content-Transfer-Encoding for the top-level header (single-part, upgraded)."""
@@ -232,6 +246,20 @@ class BodyTemplate:
         unsubscribe_url: str | None = None,
     ) -> bytes:
         """The body of one recipient's copy (from the blank line after the headers on)."""
+        return b"".join(
+            self.pieces(links, mailgate_id, tracking=tracking, unsubscribe_url=unsubscribe_url)
+        )
+
+    def pieces(
+        self,
+        links: TrackingLinks,
+        mailgate_id: str,
+        *,
+        tracking: bool,
+        unsubscribe_url: str | None = None,
+    ) -> list[bytes | memoryview]:
+        """``render`` as pieces to concatenate (the caller joins them with the headers:
+        one copy of a large body instead of two)."""
         recipient = _Recipient(
             links=links,
             mailgate_id=mailgate_id,
@@ -241,9 +269,9 @@ class BodyTemplate:
         )
         pieces = [self.gaps[0]]
         for part, gap in zip(self.parts, self.gaps[1:], strict=True):
-            pieces.append(part.render(recipient))
+            pieces += part.pieces(recipient)
             pieces.append(gap)
-        return b"".join(pieces)
+        return pieces
 
 
 # --- reading the MIME tree -------------------------------------------------------------------
@@ -281,9 +309,11 @@ def _charset_mode(charset: str | None) -> tuple[str, str]:
     return ("bytes" if ascii_ok and every == one_by_one else "text"), codec
 
 
-def _decode_transfer(body: bytes, cte: str) -> tuple[bytes, Encoding] | None:
+def _decode_transfer(
+    body: bytes | memoryview, cte: str
+) -> tuple[bytes | memoryview, Encoding] | None:
     if cte in ("7bit", "8bit", "binary", ""):
-        return body, "identity"
+        return body, "identity"  # a view into the message: not copied
     if cte == "quoted-printable":
         return binascii.a2b_qp(body), "quoted-printable"
     if cte == "base64":
@@ -294,8 +324,16 @@ def _decode_transfer(body: bytes, cte: str) -> tuple[bytes, Encoding] | None:
     return None  # x-uuencode and the like: left alone
 
 
+def _last_start(pattern: re.Pattern[bytes], data: bytes | memoryview) -> int:
+    """Where the last match of ``pattern`` starts, -1 without one."""
+    at = -1
+    for match in pattern.finditer(data):
+        at = match.start()
+    return at
+
+
 def _slots_for(
-    data: bytes, html_part: bool, url_codec: str, links: TrackingLinks
+    data: bytes | memoryview, html_part: bool, url_codec: str, links: TrackingLinks
 ) -> list[tuple[int, int, Slot]]:
     """Sorted, non-overlapping ``(start, end, Slot)`` for one decoded part."""
     found: list[tuple[int, int, Slot]] = []
@@ -303,7 +341,7 @@ def _slots_for(
         for match in _A_HREF.finditer(data):
             group = next(g for g in (1, 2, 3) if match.start(g) >= 0)
             start, end = match.span(group)
-            value = data[start:end]
+            value = bytes(data[start:end])
             if _UNSUB_TAG.search(value):
                 continue  # the tag inside is replaced by the unsubscribe URL below
             url = html.unescape(value.decode(url_codec, "replace")).strip()
@@ -317,10 +355,9 @@ def _slots_for(
     for match in _UNSUB_TAG.finditer(data):
         found.append((match.start(), match.end(), Slot("unsubscribe")))
     if html_part:
-        lowered = data.lower()
-        at = lowered.rfind(b"</body")
+        at = _last_start(_BODY_END, data)  # (no lower-cased copy of a 10 MB part)
         if at < 0:
-            at = lowered.rfind(b"</html")
+            at = _last_start(_HTML_END, data)
         if at < 0:
             at = len(data)
         found.append((at, at, Slot("pixel")))
@@ -338,7 +375,7 @@ def _slots_for(
 def _part_template(
     fields: Sequence[HeaderField],
     info: ContentInfo,
-    body: bytes,
+    body: bytes | memoryview,
     newline: bytes,
     links: TrackingLinks,
     *,
@@ -358,18 +395,20 @@ def _part_template(
     charset: str | None = None
     if mode == "text":
         try:
-            data = data.decode(codec).encode("utf-8", "surrogateescape")
+            data = bytes(data).decode(codec).encode("utf-8", "surrogateescape")
         except (UnicodeError, LookupError):
             return None
         charset, codec = codec, "utf-8"
     if not html_part and not _UNSUB_TAG.search(data):
         return None  # a text part without the tag is not touched at all
     slots = _slots_for(data, html_part, codec, links)
-    literals, position = [], 0
+    view = memoryview(data)  # literals are views: a 10 MB part is not copied again
+    literals: list[bytes | memoryview] = []
+    position = 0
     for start, end, _slot in slots:
-        literals.append(data[position:start])
+        literals.append(view[position:start])
         position = end
-    literals.append(data[position:])
+    literals.append(view[position:])
     template = PartTemplate(
         html=html_part,
         literals=tuple(literals),
@@ -408,11 +447,14 @@ def _fit_line_length(
 
 
 def _splice_for(buf: bytes, part: MimePart, newline: bytes, links: TrackingLinks) -> _Splice | None:
-    if part.info.content_type.startswith("multipart/") or not part.has_body:
+    info = part.info
+    if info.content_type not in ("text/html", "text/plain") or info.is_attachment:
+        return None  # (_part_template would say so; checked first: no slice of the body)
+    if not part.has_body:
         return None
     body_start = part.body_start
     blank = b"\r\n" if buf[max(0, body_start - 2) : body_start] == b"\r\n" else b"\n"
-    body = buf[body_start : part.end]
+    body = memoryview(buf)[body_start : part.end]
     template = _part_template(part.fields, part.info, body, newline, links, blank=blank)
     if template is None:
         return None
@@ -434,17 +476,35 @@ def plan_body(
     """The message's body template (``rest`` starts at the blank line ending the headers).
 
     Raises on input it cannot make sense of; the caller falls back to headers only."""
-    if not rest:
+    return plan_body_at(rest, 0, fields, newline, links)
+
+
+def plan_body_at(
+    buf: bytes,
+    body_offset: int,
+    fields: Sequence[HeaderField],
+    newline: bytes,
+    links: TrackingLinks,
+    *,
+    parts: Sequence[MimePart] | None = None,
+) -> BodyTemplate:
+    """``plan_body`` for ``buf[body_offset:]`` (the message as received), without copying
+    the body out of it. ``parts``: the message's MIME walk, when already done on ``buf``
+    with the same top-level fields (the attachment check's strict walk, see
+    ``lenient_parts``): the body is then not walked again."""
+    if body_offset >= len(buf):
         return BodyTemplate(gaps=(b"",), parts=())
     if any(not f.name for f in fields):
         raise ValueError("a header line is not a header field")
-    parts_found = walk_body(
-        rest, fields, _blank_len(rest), strict=False, into_attached_messages=False
-    )
+    if parts is None:
+        blank = 2 if buf[body_offset : body_offset + 2] == b"\r\n" else 1
+        parts = list(
+            walk_body(buf, fields, body_offset + blank, strict=False, into_attached_messages=False)
+        )
     splices: list[_Splice] = []
     tracked = 0
-    for found in parts_found:
-        splice = _splice_for(rest, found, newline, links)
+    for found in parts:
+        splice = _splice_for(buf, found, newline, links)
         if splice is None:
             continue
         tracked += sum(1 for slot in splice.part.slots if slot.kind == "click")
@@ -452,20 +512,28 @@ def plan_body(
             raise ValueError("too many links to track")
         splices.append(splice)
     top_cte = None
-    gaps: list[bytes] = []
-    parts: list[PartTemplate] = []
-    position = 0
+    view = memoryview(buf)
+    gaps: list[bytes | memoryview] = []
+    templates: list[PartTemplate] = []
+    position = body_offset
     for splice in splices:
         part = splice.part
         if splice.top_level and part.new_head is not None:
             # the message is this part: its Content-Transfer-Encoding is in the header block
             top_cte = b"quoted-printable"
             part = replace(part, new_head=None)
-        gaps.append(rest[position : splice.start])
-        parts.append(part)
+        gaps.append(view[position : splice.start])
+        templates.append(part)
         position = splice.end
-    gaps.append(rest[position:])
-    return BodyTemplate(gaps=tuple(gaps), parts=tuple(parts), top_cte=top_cte)
+    gaps.append(view[position:])
+    return BodyTemplate(gaps=tuple(gaps), parts=tuple(templates), top_cte=top_cte)
+
+
+def lenient_parts(strict: Sequence[MimePart]) -> list[MimePart]:
+    """The parts a lenient walk that does not enter attached messages (the body rewrite's)
+    yields, from a strict walk that entered them and raised nowhere (the attachment
+    check's): the same parts, in the same order, less those inside attached messages."""
+    return [part for part in strict if not part.in_attached_message]
 
 
 # --- a whole recipient copy -----------------------------------------------------------------
@@ -486,10 +554,23 @@ class MessagePlan:
         return self.body is None
 
 
-def plan_message(prepared: PreparedMessage, links: TrackingLinks) -> MessagePlan:
-    """Read the body once; never raises (a body it cannot read is passed through)."""
+def plan_message(
+    prepared: PreparedMessage,
+    links: TrackingLinks,
+    *,
+    parts: Sequence[MimePart] | None = None,
+) -> MessagePlan:
+    """Read the body once; never raises (a body it cannot read is passed through).
+    ``parts``: see ``plan_body_at`` (from the message's strict walk, all its parts)."""
     try:
-        body = plan_body(prepared.fields, prepared.rest, prepared.newline, links)
+        body = plan_body_at(
+            prepared.source,
+            prepared.body_offset,
+            prepared.fields,
+            prepared.newline,
+            links,
+            parts=lenient_parts(parts) if parts is not None else None,
+        )
     except Exception:
         body = None
     return MessagePlan(prepared, body)
@@ -506,11 +587,12 @@ def render_copy(
         ("List-Unsubscribe", links.list_unsubscribe(mailgate_id, unsubscribe_url)),
         ("List-Unsubscribe-Post", LIST_UNSUBSCRIBE_POST),
     )
-    body = transfer_encoding = None
+    body: list[bytes | memoryview] | None = None
+    transfer_encoding = None
     fell_back = False
     if plan.body is not None:
         try:
-            body = plan.body.render(
+            body = plan.body.pieces(
                 links, mailgate_id, tracking=tracking, unsubscribe_url=unsubscribe_url
             )
             transfer_encoding = plan.body.top_cte
