@@ -55,7 +55,7 @@ async def test_migrations_apply_once_and_a_second_start_is_harmless(
         }
     finally:
         await conn.close()
-    assert versions == [1, 2, 3, 4]
+    assert versions == [1, 2, 3, 4, 5]
     assert {"accounts", "credentials", "endpoints", "messages", "events", "suppressions"} <= tables
     assert {
         "outbox",
@@ -317,5 +317,5 @@ def test_migrate_subcommand_applies_pending_migrations_once(database_url) -> Non
         for _ in range(2)
     ]
     assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
-    assert "4 migration(s) applied: [1, 2, 3, 4]" in runs[0].stdout
+    assert "5 migration(s) applied: [1, 2, 3, 4, 5]" in runs[0].stdout
     assert "0 migration(s) applied" in runs[1].stdout

@@ -27,6 +27,7 @@ _DESCRIPTIONS = {
     "track.open": "An open-pixel load.",
     "track.click": "A tracked link click.",
     "track.unsubscribe": "An unsubscribe (page confirmation or RFC 8058 one-click).",
+    "track.batch": "Opens and clicks packed into one message by the tracker's buffer.",
     "status.*": "A customer-facing event; the last token is its name.",
     "stats.postmaster.daily": "One day of Mail.ru Postmaster stats for a domain (and msgtype).",
     "stats.ams.mailing": "AMS's progress of one mailing.",

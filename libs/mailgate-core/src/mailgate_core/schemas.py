@@ -192,6 +192,25 @@ class TrackUnsubscribe(Event, frozen=True, kw_only=True):
     user_agent: str | None = None
 
 
+class TrackBatch(Event, frozen=True, kw_only=True):
+    """Many opens and clicks in one JetStream message: the tracker packs what its buffer
+    holds, so a burst costs one publish (and one fsync) per batch, not per event.
+
+    ``event_id`` (the ``Nats-Msg-Id``) is the batch's own; the batch never changes once
+    formed, so a re-publish after a lost ack is dropped by JetStream. Every contained event
+    keeps its own ``event_id`` and its own subject's meaning: the ledger records one fact per
+    contained event and de-duplicates them one by one."""
+
+    subject_prefix: ClassVar[str] = "track.batch"
+
+    opens: list[TrackOpen] = msgspec.field(default_factory=list)
+    clicks: list[TrackClick] = msgspec.field(default_factory=list)
+
+    def events(self) -> list[TrackOpen | TrackClick]:
+        """The contained events, opens first."""
+        return [*self.opens, *self.clicks]
+
+
 # --- status.<name> (ledger -> ams-reporter) -----------------------------------------------
 
 StatusName = Literal[
@@ -386,6 +405,7 @@ SUBJECTS: dict[str, type[Event]] = {
     "track.open": TrackOpen,
     "track.click": TrackClick,
     "track.unsubscribe": TrackUnsubscribe,
+    "track.batch": TrackBatch,
     "status.*": StatusEvent,
     "stats.postmaster.daily": PostmasterDaily,
     "stats.ams.mailing": AmsMailingProgress,

@@ -168,7 +168,7 @@ async def build(
 
     metrics = LedgerMetrics(service.registry)
     kv = KvSync(pool, cache, interval_s=settings.kv_resync_interval_s)
-    outbox = Outbox(pool, service.js, metrics, interval_s=settings.outbox_interval_s)
+    outbox = Outbox(pool, service.js, metrics, interval_s=settings.outbox_interval_s, nc=service.nc)
     ingestor = Ingestor(pool, outbox, kv, metrics, partitions)
     for stream, durable, subject in CONSUMERS:
         service.workers.append(

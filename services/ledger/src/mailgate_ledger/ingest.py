@@ -11,7 +11,12 @@ rows are handed to the outbox publisher (the outbox makes their publication dura
 input need not wait for it); if the commit fails nothing is acknowledged (nak with backoff).
 
 Every write of a batch is one set-based statement over arrays (``unnest``), so a batch of
-256 facts costs about ten round trips, not 256: see ``bench/bench_ledger.py``.
+256 facts costs a handful of round trips, not 256: locks and event-id claims in one call
+(``ledger_lock_and_claim``), the message rows of mail.* facts, one read of the rows the facts
+belong to, then one statement inserting the facts in their final state (emitted, repeated,
+pending or history only: a fact is never inserted pending and updated in the same
+transaction), their status events into the outbox and the messages' new status. Only facts
+that earlier batches left pending cost an update. See ``bench/bench_ledger.py``.
 
 Concurrent batches (one per stream, several replicas) serialize on transaction-scoped
 advisory locks taken in sorted order, one per mailgate id and per Postal id they touch, so a
@@ -47,6 +52,7 @@ from mailgate_core.schemas import (
     PostmasterDaily,
     SchemaError,
     StatusEvent,
+    TrackBatch,
     TrackClick,
     TrackOpen,
     WebhookDeadLettered,
@@ -72,6 +78,10 @@ CONSUMERS: tuple[tuple[str, str, str], ...] = (
 )
 
 MAIL_EVENTS = (MailAccepted, MailSkipped, MailSubmitted, MailFailed)
+
+#: Facts per transaction at most: a fetched batch of ``track.batch`` messages may carry
+#: tens of thousands of events; they are committed in slices, acked after the last one.
+MAX_FACTS_PER_TRANSACTION = 4096
 
 #: A fact Postgres refuses (bad data) this many deliveries in a row is terminated.
 MAX_POISON_DELIVERIES = 10
@@ -109,9 +119,24 @@ def _json_without_nul(value: Any) -> str:
 
 def event_history_json(event: Event) -> str:
     """The event as stored in ``events.data``: everything but the raw message."""
+    if getattr(event, "raw", None) is not None:  # not base64-encoded only to be dropped
+        event = msgspec.structs.replace(event, raw=None)  # type: ignore[type-var]
     data = msgspec.to_builtins(event)
     data.pop("raw", None)
     return _json_without_nul(data)
+
+
+def expand(event: Event) -> Sequence[Event]:
+    """The facts one message carries: each event of a ``track.batch``, else the event."""
+    return event.events() if isinstance(event, TrackBatch) else (event,)
+
+
+def worst(a: Outcome, b: Outcome) -> Outcome:
+    """One message's outcome from its facts': a batch message is acked only when every
+    contained event is recorded (or terminated); one to retry (Nak) redelivers it all, and
+    the recorded ones are then duplicates (per-event de-duplication)."""
+    order = (Ack, Term, Nak)
+    return a if order.index(type(a)) >= order.index(type(b)) else b
 
 
 def _ts(seconds: float) -> dt.datetime:
@@ -136,24 +161,47 @@ class Committed:
     dead_letters: int = 0
 
 
-# Facts: claim the event ids first; only the ones claimed now are inserted as history.
-SQL_INSERT_EVENTS = """
-WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-                         $6::text[], $7::text[], $8::bool[], $9::timestamptz[], $10::text[],
-                         $11::text[])
-         AS t(e, m, p, s, n, sn, sd, pend, o, d, c)
-), claimed AS (
-    INSERT INTO event_ids (event_id) SELECT e FROM input
-    ON CONFLICT (event_id) DO NOTHING
-    RETURNING event_id
-)
-INSERT INTO events (event_id, mailgate_id, postal_id, subject, name, status_name, status_data,
-                    status_pending, occurred_at, data, campaign_id)
-SELECT e, m, p, s, n, sn, sd::jsonb, pend, o, d::jsonb, c
-FROM input JOIN claimed ON claimed.event_id = input.e
-RETURNING event_id
+# Lock the batch's messages (sorted keys), then claim its event ids: the ids returned are the
+# facts new to the ledger (migration 0005). One round trip.
+SQL_LOCK_AND_CLAIM = "SELECT * FROM ledger_lock_and_claim($1::bigint[], $2::text[])"
+
+# The message rows the batch's facts belong to (after its mail.* facts were applied): what a
+# status event needs, whether facts wait for the row (``pending``: emitted now), and for
+# messages that got a once-per-message outcome in this batch the ones already emitted.
+SQL_MESSAGE_ROWS = """
+SELECT m.mailgate_id, m.account_id, m.recipient, m.external_id, m.campaign_id,
+       EXISTS (SELECT 1 FROM events e
+               WHERE e.mailgate_id = m.mailgate_id AND e.status_pending) AS pending,
+       CASE WHEN m.mailgate_id = ANY($2::text[]) THEN ARRAY(
+           SELECT DISTINCT p.status_name FROM events p
+           WHERE p.mailgate_id = m.mailgate_id AND p.status_name = ANY($3::text[])
+             AND NOT p.status_pending) END AS done
+FROM messages m
+WHERE m.mailgate_id = ANY($1::text[])
 """
+
+# The new facts, each inserted in its final state (emitted, repeated, pending or history
+# only: never inserted pending and updated in the same transaction), the status events they
+# produce into the outbox and the messages' status advanced: one statement.
+SQL_WRITE_FACTS = """
+WITH facts AS (
+    INSERT INTO events (event_id, mailgate_id, postal_id, subject, name, status_name,
+                        status_data, status_pending, occurred_at, data, campaign_id)
+    SELECT e, m, p, s, n, sn, sd::jsonb, pend, o, d::jsonb, c
+    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::bool[], $9::timestamptz[], $10::text[], $11::text[])
+         AS t(e, m, p, s, n, sn, sd, pend, o, d, c)
+), advanced AS (
+    UPDATE messages m SET status = v.status, status_rank = v.rnk, updated_at = now()
+    FROM unnest($12::text[], $13::text[], $14::int[]) AS v(id, status, rnk)
+    WHERE m.mailgate_id = v.id AND m.status_rank < v.rnk
+)
+INSERT INTO outbox (subject, msg_id, payload)
+SELECT * FROM unnest($15::text[], $16::text[], $17::bytea[])
+ON CONFLICT (msg_id) DO NOTHING
+RETURNING id, msg_id
+"""
+_FACT_COLUMNS = 11
 
 # One row per mailgate id (merged in Python), so ON CONFLICT touches each row once.
 SQL_UPSERT_MESSAGES = """
@@ -197,6 +245,7 @@ JOIN messages m ON m.external_id = v.ext AND (v.cid IS NULL OR m.campaign_id = v
 ORDER BY v.ext, v.cid, m.mailgate_id DESC
 """
 
+# Facts left pending by earlier batches (their message row appeared now).
 # ``repeat``: a once-per-message outcome this message has already emitted.
 SQL_PENDING = """
 SELECT e.event_id, e.mailgate_id, e.status_name, e.status_data, e.occurred_at,
@@ -208,13 +257,6 @@ SELECT e.event_id, e.mailgate_id, e.status_name, e.status_data, e.occurred_at,
 FROM events e JOIN messages m ON m.mailgate_id = e.mailgate_id
 WHERE e.mailgate_id = ANY($1::text[]) AND e.status_pending
 ORDER BY e.occurred_at, e.event_id
-"""
-
-SQL_INSERT_OUTBOX = """
-INSERT INTO outbox (subject, msg_id, payload)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
-ON CONFLICT (msg_id) DO NOTHING
-RETURNING id, subject, msg_id, payload
 """
 
 # A repeated outcome stays in the history as a fact without a customer event.
@@ -229,12 +271,6 @@ SQL_MARK_EMITTED = """
 UPDATE events SET status_pending = false, campaign_id = v.cid
 FROM unnest($1::text[], $2::text[], $3::text[]) AS v(eid, mid, cid)
 WHERE events.mailgate_id = v.mid AND events.event_id = v.eid AND events.status_pending
-"""
-
-SQL_ADVANCE_STATUS = """
-UPDATE messages m SET status = v.status, status_rank = v.rnk, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::int[]) AS v(id, status, rnk)
-WHERE m.mailgate_id = v.id AND m.status_rank < v.rnk
 """
 
 SQL_INSERT_SUPPRESSIONS = """
@@ -356,6 +392,65 @@ def _campaign_fact_id(event: Any) -> str | None:
     return None
 
 
+def _jsonb_order(value: Any) -> Any:
+    """``value`` as read back from a jsonb column: object keys shortest first, then bytewise
+    (so a status event built from a new fact equals one built from its stored row)."""
+    if isinstance(value, dict):
+        keys = sorted(value, key=lambda k: (len(k.encode()), k.encode()))
+        return {k: _jsonb_order(value[k]) for k in keys}
+    if isinstance(value, list):
+        return [_jsonb_order(v) for v in value]
+    return value
+
+
+class _NewFact:
+    """A fact recorded by this batch and the state its ``events`` row is inserted in."""
+
+    __slots__ = ("campaign_id", "item", "occurred_at", "pending", "status", "status_json")
+
+    def __init__(self, item: Item) -> None:
+        fact = item.fact
+        self.item = item
+        self.occurred_at = _ts(fact.timestamp)
+        self.status = fact.status
+        self.status_json = _json_without_nul(fact.data) if fact.status else None
+        resolvable = item.mailgate_id is not None or item.postal_id is not None
+        # Waits for its message row unless this batch emits it (or finds it repeated).
+        self.pending = fact.status is not None and resolvable
+        self.campaign_id = _campaign_fact_id(item.event)
+
+    def status_data(self) -> Any:
+        assert self.status_json is not None
+        return _jsonb_order(msgspec.json.decode(self.status_json))
+
+    def emitted(self, campaign_id: str | None) -> None:
+        self.pending = False
+        self.campaign_id = campaign_id
+
+    def repeated(self, campaign_id: str | None) -> None:
+        """A once-per-message outcome the message already has: history only."""
+        self.pending = False
+        self.status = None
+        self.status_json = None
+        self.campaign_id = campaign_id
+
+    def row(self) -> tuple[Any, ...]:
+        item = self.item
+        return (
+            item.event.event_id,
+            item.mailgate_id,
+            item.postal_id,
+            item.event.subject(),
+            item.fact.name,
+            self.status,
+            self.status_json,
+            self.pending,
+            self.occurred_at,
+            event_history_json(item.event),
+            self.campaign_id,
+        )
+
+
 class Ingestor:
     """The batch handler behind every ledger pull consumer."""
 
@@ -383,6 +478,10 @@ class Ingestor:
         started = time.perf_counter()
         outcomes: list[Outcome] = [Ack()] * len(msgs)
         items: list[Item] = []
+        # One slot per fact: a track.batch message gives one per contained event (each with
+        # its own event id), settled together below.
+        slots: list[Msg] = []
+        owners: list[int] = []
         for index, msg in enumerate(msgs):
             try:
                 event = decode_subject(msg.subject, msg.data)
@@ -391,11 +490,20 @@ class Ingestor:
                 self._metrics.rejected.labels(stream).inc()
                 outcomes[index] = Term(str(exc))
                 continue
-            fact = classify(event)
-            items.append(Item(index, event, fact, fact.mailgate_id, fact.postal_id))
+            for part in expand(event):
+                fact = classify(part)
+                items.append(Item(len(slots), part, fact, fact.mailgate_id, fact.postal_id))
+                slots.append(msg)
+                owners.append(index)
         if items:
             await self._ensure_partitions(items)
-            await self._record(stream, msgs, items, outcomes)
+            settled: list[Outcome] = [Ack()] * len(slots)
+            for start in range(0, len(items), MAX_FACTS_PER_TRANSACTION):
+                await self._record(
+                    stream, slots, items[start : start + MAX_FACTS_PER_TRANSACTION], settled
+                )
+            for slot, outcome in enumerate(settled):
+                outcomes[owners[slot]] = worst(outcomes[owners[slot]], outcome)
         self._metrics.batch_seconds.labels(stream).observe(time.perf_counter() - started)
         return outcomes
 
@@ -470,26 +578,27 @@ class Ingestor:
                 unique.append(item)
         result = Committed(duplicates=len(items) - len(unique))
         async with self._pool.acquire(timeout=10) as conn, conn.transaction():
-            await self._lock(conn, unique)
-            await self._find_messages(conn, unique)
-            recorded = await self._insert_events(conn, unique)
-            new = [item for item in unique if item.event.event_id in recorded]
+            claimed = await self._lock_and_claim(conn, unique)
+            new = [item for item in unique if item.event.event_id in claimed]
             result.recorded = len(new)
             result.duplicates += len(unique) - len(new)
-            touched = await self._apply_mail_facts(conn, new)
-            touched.update(item.mailgate_id for item in new if item.mailgate_id)
-            result.dead_letters = await self._insert_dead_letters(conn, new)
-            await self._upsert_postmaster(conn, new)
-            await self._emit_pending(conn, sorted(touched), result)
+            if new:
+                await self._find_messages(conn, new)
+                linked = await self._apply_mail_facts(conn, new)
+                result.dead_letters = await self._insert_dead_letters(conn, new)
+                await self._upsert_postmaster(conn, new)
+                await self._write_facts(conn, new, linked, result)
         for item in new:
             self._metrics.events.labels(item.event.subject()).inc()
         return result
 
-    async def _lock(self, conn: asyncpg.Connection, items: list[Item]) -> None:
+    async def _lock_and_claim(self, conn: asyncpg.Connection, items: list[Item]) -> set[str]:
+        """Take the batch's advisory locks (sorted), then claim its event ids; return the ids
+        claimed now (the new facts)."""
         keys = {lock_key("m", i.mailgate_id) for i in items if i.mailgate_id}
         keys |= {lock_key("p", i.postal_id) for i in items if i.postal_id is not None}
-        if keys:
-            await conn.execute("SELECT ledger_lock_keys($1::bigint[])", sorted(keys))
+        rows = await conn.fetch(SQL_LOCK_AND_CLAIM, sorted(keys), [i.event.event_id for i in items])
+        return {r[0] for r in rows}
 
     async def _find_messages(self, conn: asyncpg.Connection, items: list[Item]) -> None:
         """Fill in the mailgate id of facts that name their message another way."""
@@ -524,33 +633,9 @@ class Ingestor:
                 assert isinstance(event, TrackOpen | TrackClick)
                 item.mailgate_id = by_pair.get((event.external_id, event.campaign_id))
 
-    async def _insert_events(self, conn: asyncpg.Connection, items: list[Item]) -> set[str]:
-        if not items:
-            return set()
-        rows = []
-        for item in items:
-            fact = item.fact
-            resolvable = item.mailgate_id is not None or item.postal_id is not None
-            rows.append(
-                (
-                    item.event.event_id,
-                    item.mailgate_id,
-                    item.postal_id,
-                    item.event.subject(),
-                    fact.name,
-                    fact.status,
-                    _json_without_nul(fact.data) if fact.status else None,
-                    fact.status is not None and resolvable,
-                    _ts(fact.timestamp),
-                    event_history_json(item.event),
-                    _campaign_fact_id(item.event),
-                )
-            )
-        recorded = await conn.fetch(SQL_INSERT_EVENTS, *_columns(rows, 11))
-        return {r["event_id"] for r in recorded}
-
     async def _apply_mail_facts(self, conn: asyncpg.Connection, items: list[Item]) -> set[str]:
-        """Create or complete message rows from mail.* facts; return mailgate ids touched."""
+        """Create or complete message rows from mail.* facts; return the mailgate ids of
+        facts recorded earlier under a Postal id only and linked to their message now."""
         upserts: list[tuple[Any, ...]] = []
         submitted: dict[int, str] = {}
         postal_ids: dict[str, tuple[int, str | None]] = {}
@@ -562,7 +647,7 @@ class Ingestor:
                     submitted[event.postal_id] = event.message.mailgate_id
             elif isinstance(event, PostalEvent) and item.mailgate_id and item.postal_id:
                 postal_ids[item.mailgate_id] = (item.postal_id, event.postal_token)
-        touched: set[str] = set()
+        linked: set[str] = set()
         if upserts:
             await conn.execute(
                 SQL_UPSERT_MESSAGES, *_columns(merge_message_rows(upserts), _MESSAGE_COLUMNS)
@@ -571,7 +656,14 @@ class Ingestor:
             rows = await conn.fetch(
                 SQL_LINK_POSTAL_FACTS, list(submitted), list(submitted.values())
             )
-            touched.update(r["mailgate_id"] for r in rows)
+            linked.update(r["mailgate_id"] for r in rows)
+            for item in items:  # this batch's facts known by that Postal id only
+                if (
+                    item.mailgate_id is None
+                    and item.fact.status is not None
+                    and item.postal_id in submitted
+                ):
+                    item.mailgate_id = submitted[item.postal_id]
         if postal_ids:
             await conn.execute(
                 SQL_SET_POSTAL_IDS,
@@ -579,7 +671,7 @@ class Ingestor:
                 [p for p, _ in postal_ids.values()],
                 [t for _, t in postal_ids.values()],
             )
-        return touched
+        return linked
 
     async def _insert_dead_letters(self, conn: asyncpg.Connection, items: list[Item]) -> int:
         rows = []
@@ -613,95 +705,151 @@ class Ingestor:
         if rows:
             await conn.execute(SQL_UPSERT_POSTMASTER_DAILY, *_columns(rows, _POSTMASTER_COLUMNS))
 
-    async def _emit_pending(
-        self, conn: asyncpg.Connection, mailgate_ids: list[str], result: Committed
+    async def _write_facts(
+        self, conn: asyncpg.Connection, new: list[Item], linked: set[str], result: Committed
     ) -> None:
-        """Turn pending facts of messages whose row exists into outbox status events."""
-        if not mailgate_ids:
-            return
-        rows = await conn.fetch(SQL_PENDING, mailgate_ids, list(ONCE_PER_MESSAGE))
-        if not rows:
-            return
+        """Insert the new facts and turn every fact whose message row exists into its status
+        event in the outbox, in (occurred_at, event_id) order: the batch's facts and the
+        facts earlier batches left pending for these messages (their row appeared now)."""
+        mids = {i.mailgate_id for i in new if i.mailgate_id} | linked
+        once_ids = {
+            i.mailgate_id for i in new if i.mailgate_id and i.fact.status in ONCE_PER_MESSAGE
+        }
+        messages: dict[str, asyncpg.Record] = {}
+        if mids:
+            rows = await conn.fetch(
+                SQL_MESSAGE_ROWS, list(mids), list(once_ids), list(ONCE_PER_MESSAGE)
+            )
+            messages = {r["mailgate_id"]: r for r in rows}
+        waiting = [mid for mid, r in messages.items() if r["pending"]]
+        earlier = await conn.fetch(SQL_PENDING, waiting, list(ONCE_PER_MESSAGE)) if waiting else []
+        # (occurred_at, event_id, mailgate_id, status, data, already emitted, new item)
+        candidates: list[tuple[dt.datetime, str, str, str, Any, bool, _NewFact | None]] = []
+        for row in earlier:
+            candidates.append(
+                (
+                    row["occurred_at"],
+                    row["event_id"],
+                    row["mailgate_id"],
+                    row["status_name"],
+                    row["status_data"] or {},
+                    bool(row["repeat"]),
+                    None,
+                )
+            )
+        facts: list[_NewFact] = []
+        for item in new:
+            fact = _NewFact(item)
+            facts.append(fact)
+            status = item.fact.status
+            message = messages.get(item.mailgate_id) if item.mailgate_id else None
+            if status is None or message is None:
+                continue
+            done = message["done"]
+            candidates.append(
+                (
+                    fact.occurred_at,
+                    item.event.event_id,
+                    message["mailgate_id"],
+                    status,
+                    fact.status_data(),
+                    done is not None and status in done,
+                    fact,
+                )
+            )
+        candidates.sort(key=lambda c: (c[0], c[1]))
         subjects: list[str] = []
         msg_ids: list[str] = []
         payloads: list[bytes] = []
         best: dict[str, str] = {}
         suppress: dict[tuple[str, str], str] = {}
         once: set[tuple[str, str]] = set()
-        repeated: list[Any] = []
-        for row in rows:
-            status = row["status_name"]
+        repeated: list[tuple[str, str, str | None]] = []
+        emitted: list[tuple[str, str, str | None]] = []
+        for occurred_at, event_id, mid, status, data, repeat, fact in candidates:
+            message = messages[mid]
             if status in ONCE_PER_MESSAGE:
-                key = (row["mailgate_id"], status)
-                if row["repeat"] or key in once:
+                if repeat or (mid, status) in once:
                     # Recorded in the history; the customer already has (or gets) this outcome.
                     self._metrics.repeated_outcomes.labels(status).inc()
-                    repeated.append(row)
+                    if fact is None:
+                        repeated.append((event_id, mid, message["campaign_id"]))
+                    else:
+                        fact.repeated(message["campaign_id"])
                     continue
-                once.add(key)
+                once.add((mid, status))
+            if fact is None:
+                emitted.append((event_id, mid, message["campaign_id"]))
+            else:
+                fact.emitted(message["campaign_id"])
             event = StatusEvent(
-                event_id=f"st-{row['event_id']}",
+                event_id=f"st-{event_id}",
                 name=status,
                 message=MessageRef(
-                    mailgate_id=row["mailgate_id"],
-                    account_id=row["account_id"],
-                    recipient=row["recipient"],
-                    external_id=row["external_id"],
-                    campaign_id=row["campaign_id"],
+                    mailgate_id=mid,
+                    account_id=message["account_id"],
+                    recipient=message["recipient"],
+                    external_id=message["external_id"],
+                    campaign_id=message["campaign_id"],
                 ),
-                timestamp=int(row["occurred_at"].timestamp()),
-                data=row["status_data"] or {},
-                source_event_id=row["event_id"],
+                timestamp=int(occurred_at.timestamp()),
+                data=data,
+                source_event_id=event_id,
             )
             subjects.append(event.subject())
             msg_ids.append(event.event_id)
             payloads.append(encode(event))
-            current = best.get(row["mailgate_id"])
+            current = best.get(mid)
             if current is None or rank(status) > rank(current):
-                best[row["mailgate_id"]] = status
+                best[mid] = status
             if status in SUPPRESSING_STATUSES:
-                key = (row["account_id"], normalize_email(row["recipient"]))
+                key = (message["account_id"], normalize_email(message["recipient"]))
                 suppress.setdefault(key, status)
-        inserted = await conn.fetch(SQL_INSERT_OUTBOX, subjects, msg_ids, payloads)
-        result.outbox.extend(
-            OutboxRow(r["id"], r["subject"], r["msg_id"], bytes(r["payload"])) for r in inserted
-        )
         if repeated:
+            await conn.execute(SQL_DROP_REPEATED, *_columns(repeated, 3))
+        if earlier:
             await conn.execute(
-                SQL_DROP_REPEATED,
-                [r["event_id"] for r in repeated],
-                [r["mailgate_id"] for r in repeated],
-                [r["campaign_id"] for r in repeated],
+                SQL_MARK_EMITTED,
+                [r["event_id"] for r in earlier],
+                [r["mailgate_id"] for r in earlier],
+                [r["campaign_id"] for r in earlier],
             )
-        await conn.execute(
-            SQL_MARK_EMITTED,
-            [r["event_id"] for r in rows],
-            [r["mailgate_id"] for r in rows],
-            [r["campaign_id"] for r in rows],
-        )
-        await conn.execute(
-            SQL_ADVANCE_STATUS,
+        inserted = await conn.fetch(
+            SQL_WRITE_FACTS,
+            *_columns([fact.row() for fact in facts], _FACT_COLUMNS),
             list(best),
             list(best.values()),
             [rank(s) for s in best.values()],
+            subjects,
+            msg_ids,
+            payloads,
         )
+        sent = {msg_id: i for i, msg_id in enumerate(msg_ids)}
+        for r in inserted:
+            i = sent[r["msg_id"]]
+            result.outbox.append(OutboxRow(r["id"], subjects[i], msg_ids[i], payloads[i]))
         if suppress:
-            added = await conn.fetch(
-                SQL_INSERT_SUPPRESSIONS,
-                [a for a, _ in suppress],
-                [e for _, e in suppress],
-                list(suppress.values()),
-            )
-            for r in added:
-                self._metrics.suppressions_added.labels(r["reason"]).inc()
-                result.suppressions.append(
-                    SuppressionRecord(
-                        account_id=r["account_id"],
-                        email=r["email"],
-                        reason=r["reason"],
-                        created_at=r["created_at"].timestamp(),
-                    )
+            await self._suppress(conn, suppress, result)
+
+    async def _suppress(
+        self, conn: asyncpg.Connection, suppress: dict[tuple[str, str], str], result: Committed
+    ) -> None:
+        added = await conn.fetch(
+            SQL_INSERT_SUPPRESSIONS,
+            [a for a, _ in suppress],
+            [e for _, e in suppress],
+            list(suppress.values()),
+        )
+        for r in added:
+            self._metrics.suppressions_added.labels(r["reason"]).inc()
+            result.suppressions.append(
+                SuppressionRecord(
+                    account_id=r["account_id"],
+                    email=r["email"],
+                    reason=r["reason"],
+                    created_at=r["created_at"].timestamp(),
                 )
+            )
 
 
 def _message_row(event: MailAccepted | MailSkipped | MailSubmitted | MailFailed) -> tuple[Any, ...]:

@@ -5,12 +5,20 @@ background, at most ``max_inflight`` batches at once, so a slow NATS slows intak
 growing memory); ``run`` republishes rows a crash (or a NATS outage) left unpublished.
 ``Nats-Msg-Id`` is the status event id, so JetStream drops a second publish within its
 duplicate window and receivers de-duplicate on ``webhook-id`` beyond it.
+
+One STATUS message per status event (the consumers' wire format), but the publishes of a
+batch are pipelined: sent back to back on the connection, their JetStream acks collected on
+one wildcard inbox subscription (``_AckPipeline``), so a batch costs one round trip and no
+task, timer or future-with-timeout per event (nats-py's ``js.publish`` creates all three).
+What bounds it then is JetStream's own rate of stores with ``sync_interval: always``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +27,8 @@ import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from .metrics import LedgerMetrics
@@ -48,6 +58,99 @@ def _campaign_of(payload: bytes) -> str:
         return ""
 
 
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    """JetStream's answer to a publish: ``{"stream", "seq"[, "duplicate"]}`` or an error."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: _ApiError | None = None
+
+
+_pub_ack_decoder = msgspec.json.Decoder(_PubAck)
+
+
+def _stored(msg: Msg | None) -> bool:
+    """Whether a publish's reply says JetStream stored the message (or already had it)."""
+    if msg is None or not msg.data:  # timed out, or "no responders" (no stream)
+        return False
+    try:
+        ack = _pub_ack_decoder.decode(msg.data)
+    except msgspec.DecodeError:
+        return False
+    return ack.error is None and ack.seq > 0
+
+
+class _AckPipeline:
+    """JetStream publishes without a round trip each: every publish carries a reply subject
+    under one inbox prefix, a single subscription resolves the waiting futures. At most
+    ``window`` publishes await their ack at once (over all callers): JetStream stores them
+    one by one, so more would only wait in its queue and run into the timeout."""
+
+    def __init__(self, nc: NatsClient, window: int = 512) -> None:
+        self._nc = nc
+        self._window = asyncio.Semaphore(window)
+        self._prefix = ""
+        self._tokens = itertools.count()
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._opening = asyncio.Lock()
+
+    async def _open(self) -> None:
+        async with self._opening:
+            if not self._prefix:
+                prefix = self._nc.new_inbox() + "."
+                await self._nc.subscribe(prefix + "*", cb=self._on_reply)
+                self._prefix = prefix
+
+    def _release(self, _: asyncio.Future[Msg]) -> None:
+        self._window.release()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def publish(self, rows: Sequence[OutboxRow], timeout_s: float) -> list[bool]:
+        """Publish ``rows``; for each, whether JetStream acknowledged it within the time."""
+        if not self._prefix:
+            await self._open()
+        loop = asyncio.get_running_loop()
+        tokens: list[str] = []
+        futures: list[asyncio.Future[Msg]] = []
+        try:
+            for row in rows:
+                await self._window.acquire()
+                token = str(next(self._tokens))
+                future: asyncio.Future[Msg] = loop.create_future()
+                future.add_done_callback(self._release)
+                self._waiting[token] = future
+                tokens.append(token)
+                futures.append(future)
+                await self._nc.publish(
+                    row.subject,
+                    row.payload,
+                    reply=self._prefix + token,
+                    headers={"Nats-Msg-Id": row.msg_id},
+                )
+            await asyncio.wait(futures, timeout=timeout_s)
+        except (nats.errors.Error, OSError) as exc:  # the rest counts as not published
+            log.warning("status publish failed", error=str(exc), count=len(rows))
+        finally:
+            for token in tokens:
+                self._waiting.pop(token, None)
+            for future in futures:  # timed out: give the window slot back
+                if not future.done():
+                    future.cancel()
+        results = [not f.cancelled() and _stored(f.result()) for f in futures]
+        results += [False] * (len(rows) - len(results))
+        return results
+
+
 @dataclass(frozen=True)
 class OutboxRow:
     id: int
@@ -66,9 +169,11 @@ class Outbox:
         interval_s: float = 1.0,
         grace_s: float = 5.0,
         max_inflight: int = 8,
+        nc: NatsClient | None = None,
     ) -> None:
         self._pool = pool
         self._js = js
+        self._pipeline = _AckPipeline(nc) if nc is not None else None
         self._metrics = metrics
         self._interval_s = interval_s
         self._grace_s = grace_s
@@ -90,8 +195,31 @@ class Outbox:
             self._metrics.campaign_status.labels(campaign, status).inc()
         return True
 
+    def _count_published(self, rows: Sequence[OutboxRow]) -> None:
+        statuses: Counter[str] = Counter()
+        campaigns: Counter[tuple[str, str]] = Counter()
+        for row in rows:
+            status = row.subject.partition(".")[2]
+            statuses[status] += 1
+            campaign = _campaign_of(row.payload)
+            if campaign:
+                campaigns[campaign, status] += 1
+        for status, count in statuses.items():
+            self._metrics.status_published.labels(status).inc(count)
+        for (campaign, status), count in campaigns.items():
+            self._metrics.campaign_status.labels(campaign, status).inc(count)
+
     async def _publish(self, rows: Sequence[OutboxRow]) -> list[int]:
         """Publish ``rows``; return the ids JetStream acknowledged."""
+        if self._pipeline is not None:
+            if not rows:
+                return []
+            stored = await self._pipeline.publish(rows, timeout_s=5.0)
+            done = [row for row, ok in zip(rows, stored, strict=True) if ok]
+            if len(done) < len(rows):
+                log.warning("status publish failed", count=len(rows) - len(done))
+            self._count_published(done)
+            return [row.id for row in done]
         sem = asyncio.Semaphore(_CONCURRENCY)
 
         async def one(row: OutboxRow) -> int | None:

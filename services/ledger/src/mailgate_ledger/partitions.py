@@ -173,6 +173,8 @@ class PartitionKeeper:
         self._ahead = ahead_months
         self._retention_days = retention_days
         self._known: set[dt.date] = set()
+        self._ranges: list[tuple[str, str]] = []
+        self._ranges_of: set[dt.date] = set()
 
     def cutoff(self, now: dt.datetime | None = None) -> dt.datetime:
         return (now or dt.datetime.now(dt.UTC)) - dt.timedelta(days=self._retention_days)
@@ -185,11 +187,29 @@ class PartitionKeeper:
         self._known = set(present["messages"]) & set(present["events"])
         return created
 
+    def _known_ranges(self) -> list[tuple[str, str]]:
+        """The ULID time prefixes of the months with partitions, as [lo, hi) ranges."""
+        if self._ranges_of != self._known:
+            self._ranges = [
+                (ulid_prefix(month_start(m)), ulid_prefix(month_start(add_months(m, 1))))
+                for m in sorted(self._known)
+            ]
+            self._ranges_of = set(self._known)
+        return self._ranges
+
     async def ensure_for(self, mailgate_ids: Iterable[str]) -> list[str]:
+        ranges = self._known_ranges()
+        # Most ids fall in a month that has its partition: a string comparison of their time
+        # prefix says so without decoding them.
+        unknown = [
+            i for i in mailgate_ids if not any(lo <= i[:10].upper() < hi for lo, hi in ranges)
+        ]
+        if not unknown:
+            return []
         cutoff = self.cutoff()
         missing = {
             m
-            for m in (month_of_ulid(i) for i in mailgate_ids)
+            for m in (month_of_ulid(i) for i in unknown)
             if m is not None and m not in self._known and not droppable(m, cutoff)
         }
         if not missing:
