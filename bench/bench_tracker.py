@@ -25,10 +25,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nats
 from mailgate_core.ids import new_ulid
 from mailgate_core.nats import provision
+from mailgate_core.schemas import TrackBatch, decode
 from mailgate_core.tracking import TokenSigner
 from mailgate_fakes.infra import NatsServer, free_port, wait_for_port
 
@@ -138,8 +140,8 @@ async def measure(
     expect: int,
     stored: Callable[[], Awaitable[int]] | None = None,
 ) -> tuple[Row, Load]:
-    """Warm up, then load ``path`` for ``duration_s``. With ``stored`` (the TRACK stream's
-    message count), the note gets how many events per second became durable meanwhile."""
+    """Warm up, then load ``path`` for ``duration_s``. With ``stored`` (events stored in the
+    TRACK stream), the note gets how many events per second became durable meanwhile."""
     await load(port, path, min(1.0, duration_s / 4))  # warm-up (imports, caches)
     before = await stored() if stored else 0
     meter = CpuMeter(pids)
@@ -159,6 +161,44 @@ async def measure(
         note=f"{durable:,.0f} events/s made durable" if durable is not None else "",
     )
     return row, result
+
+
+class Tally:
+    """Events stored in TRACK, read back as they are stored (an ordered consumer in this
+    process): a ``track.batch`` message counts its events, any other message one. Counts
+    distinct event ids, so a duplicate would show as ``stored < answered``."""
+
+    def __init__(self, js: Any) -> None:
+        self.js = js
+        self.event_ids: set[str] = set()
+        self.messages = 0
+        self.last_seq = 0
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        self._sub = await self.js.subscribe(
+            "track.>", stream="TRACK", ordered_consumer=True, cb=self._on_msg
+        )
+
+    async def _on_msg(self, msg: Any) -> None:
+        self.messages += 1
+        self.last_seq = msg.metadata.sequence.stream
+        if msg.subject == "track.batch":
+            self.event_ids.update(e.event_id for e in decode(msg.data, TrackBatch).events())
+        else:
+            self.event_ids.add((msg.headers or {}).get("Nats-Msg-Id", str(self.last_seq)))
+
+    async def count(self, timeout_s: float = 10.0) -> int:
+        """Events stored so far (waits until every message stored by now was read)."""
+        last = (await self.js.stream_info("TRACK")).state.last_seq
+        deadline = time.monotonic() + timeout_s
+        while self.last_seq < last and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        return len(self.event_ids)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
 
 
 def _metric(port: int, name: str) -> float:
@@ -219,10 +259,9 @@ async def run(opts: Options) -> list[Row]:
             wait_for_port("127.0.0.1", bare_port, proc=bare, timeout_s=30)
 
             nc = await nats.connect(server.url)
-            js = nc.jetstream()
-
-            async def stored() -> int:
-                return int((await js.stream_info("TRACK")).state.messages)
+            tally = Tally(nc.jetstream())
+            await tally.start()
+            stored = tally.count
 
             bare_gif, _ = await measure(
                 "bare aiohttp GIF handler", bare_port, "/gif", duration_s, [bare.pid], 200
@@ -258,6 +297,7 @@ async def run(opts: Options) -> list[Row]:
 
             # Every answered request should become a stored event (warm-ups included).
             count = await _caught_up(stored, tracker_port, 3 if opts.quick else 30)
+            await tally.stop()
             await nc.close()
             answered = _metric(tracker_port, "mailgate_tracker_requests_total")
             dropped = _metric(tracker_port, "mailgate_tracker_events_dropped_total")
@@ -265,7 +305,8 @@ async def run(opts: Options) -> list[Row]:
                 benchmark="tracker events stored in TRACK after the load",
                 rate_per_s=None,
                 note=f"{count}/{int(answered)} stored, {int(dropped)} dropped "
-                f"({pixel_load.requests + click_load.requests} measured requests)"
+                f"({pixel_load.requests + click_load.requests} measured requests; "
+                f"{tally.messages} JetStream messages)"
                 + ("; the rest still buffered" if count < answered else ""),
             )
             rows += [bare_gif, pixel, bare_302, click, events]

@@ -10,7 +10,14 @@ from typing import Any
 import aiohttp
 import pytest
 from mailgate_core.ids import new_ulid
-from mailgate_core.schemas import TrackClick, TrackOpen, TrackUnsubscribe, decode
+from mailgate_core.schemas import (
+    TrackBatch,
+    TrackClick,
+    TrackOpen,
+    TrackUnsubscribe,
+    decode,
+    encode,
+)
 from mailgate_core.tracking import TokenSigner
 from mailgate_fakes.infra import free_port
 from mailgate_fakes.testing import eventually
@@ -71,13 +78,20 @@ async def http(tracker: TrackerService) -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def stored(js, subject: str) -> list[bytes]:
-    """Every message on ``subject`` in the TRACK stream (now)."""
-    info = await js.stream_info("TRACK", subjects_filter=subject)
-    count = (info.state.subjects or {}).get(subject, 0)
+    """Every event of ``subject`` in the TRACK stream (now): messages on the subject and
+    the events of that subject inside ``track.batch`` messages (re-encoded alone)."""
+    count = (await js.stream_info("TRACK")).state.messages
     if not count:
         return []
-    sub = await js.subscribe(subject, stream="TRACK", ordered_consumer=True)
-    out = [(await sub.next_msg(timeout=2)).data for _ in range(count)]
+    sub = await js.subscribe("track.>", stream="TRACK", ordered_consumer=True)
+    out: list[bytes] = []
+    for _ in range(count):
+        msg = await sub.next_msg(timeout=2)
+        if msg.subject == "track.batch":
+            events = decode(msg.data, TrackBatch).events()
+            out += [encode(e) for e in events if e.subject() == subject]
+        elif msg.subject == subject:
+            out.append(msg.data)
     await sub.unsubscribe()
     return out
 

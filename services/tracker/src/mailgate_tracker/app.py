@@ -35,7 +35,16 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     tracker_buffer_wait_s: float = 1.0
     """With the buffer full but NATS connected (slow, not gone), how long a request waits
     for room before its event is dropped."""
-    tracker_publish_concurrency: int = 32
+    tracker_publish_concurrency: int = 4
+    """JetStream publishes (track.batch messages, or groups of unsubscribes) awaiting their
+    ack at once."""
+    tracker_batch_max_events: int = 256
+    """Opens and clicks packed into one ``track.batch`` message at most."""
+    tracker_batch_max_bytes: int = 512 * 1024
+    """Encoded size of one ``track.batch`` message at most (also kept under the NATS server's
+    ``max_payload``)."""
+    tracker_batch_linger_s: float = 0.01
+    """How long the first event of a batch waits for more before the batch is published."""
     tracker_flush_timeout_s: float = 5.0
     """On shutdown, how long to keep publishing buffered events."""
     tracker_unsubscribe_wait_s: float = 3.0
@@ -80,6 +89,13 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
             raise ConfigError(
                 "config error: TRACKER_BUFFER_SIZE and TRACKER_PUBLISH_CONCURRENCY must be >= 1"
             )
+        if self.tracker_batch_max_events < 1 or self.tracker_batch_max_bytes < 1024:
+            raise ConfigError(
+                "config error: TRACKER_BATCH_MAX_EVENTS must be >= 1 and "
+                "TRACKER_BATCH_MAX_BYTES >= 1024"
+            )
+        if self.tracker_batch_linger_s < 0:
+            raise ConfigError("config error: TRACKER_BATCH_LINGER_S must be >= 0")
 
 
 class TrackerService(ServiceBase):
@@ -120,6 +136,10 @@ async def build(settings: Settings, *, registry: CollectorRegistry | None = None
         concurrency=settings.tracker_publish_concurrency,
         publish_timeout_s=settings.publish_timeout_s,
         connected=lambda: nc.is_connected,
+        max_batch_events=settings.tracker_batch_max_events,
+        # room for the headers under the server's limit (1 MB by default)
+        max_batch_bytes=min(settings.tracker_batch_max_bytes, nc.max_payload - 4096),
+        linger_s=settings.tracker_batch_linger_s,
     )
     handlers = TrackerHandlers(
         buffer=service.buffer,
@@ -132,6 +152,6 @@ async def build(settings: Settings, *, registry: CollectorRegistry | None = None
         buffer_wait_s=settings.tracker_buffer_wait_s,
     )
     app = web.Application(client_max_size=64 * 1024)
-    app.add_routes(handlers.routes())
+    handlers.add_to(app)
     service.add_http(app, settings.tracker_host, settings.tracker_port)
     return service

@@ -223,9 +223,21 @@ def classify_open(rules: Rules, method: str, user_agent: str | None, ip: str | N
     return HUMAN if (user_agent or "").strip() else Verdict("unknown", "no_user_agent")
 
 
+#: A canonical (upper-case) ULID, and its Crockford digits as ``int(..., 32)`` reads them.
+_CANONICAL_ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+_CROCKFORD_TO_BASE32 = str.maketrans(
+    "0123456789ABCDEFGHJKMNPQRSTVWXYZ", "0123456789abcdefghijklmnopqrstuv"
+)
+
+
 def accepted_age_s(mailgate_id: str | None, now_s: float) -> float | None:
     """Seconds since the message was accepted (its ULID's time), when the id is a ULID."""
-    if not mailgate_id or not is_ulid(mailgate_id):
+    if not mailgate_id:
+        return None
+    if _CANONICAL_ULID.fullmatch(mailgate_id):  # what tokens carry: the C-speed path
+        ms = int(mailgate_id[:10].translate(_CROCKFORD_TO_BASE32), 32)
+        return now_s - ms / 1000.0
+    if not is_ulid(mailgate_id):
         return None
     return now_s - ulid_time_ms(mailgate_id) / 1000.0
 

@@ -10,20 +10,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import structlog
 from aiohttp import web
+from aiohttp.web_urldispatcher import DynamicResource
 from mailgate_core.nats import PublishError
 from mailgate_core.schemas import Event, TrackClick, TrackOpen, TrackUnsubscribe
 from mailgate_core.tracking import TokenPayload, TokenSigner
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from .audience import ClickHistory, Rules, Verdict, classify_click, classify_open
-from .ids import unsubscribe_event_id
+from .counters import FastCounter
+from .ids import EventIds, unsubscribe_event_id
 from .pages import (
     INVALID_LINK_TEXT,
     NO_CACHE_HEADERS,
@@ -39,6 +41,9 @@ log = structlog.get_logger()
 MAX_PARAM_CHARS = 256
 MAX_USER_AGENT_CHARS = 512
 RETRY_AFTER_S = "5"
+#: Distinct signed URLs whose ``Location`` is remembered (a campaign's recipients click the
+#: same few links, each through their own token).
+LOCATION_MEMO_SIZE = 1024
 _json = msgspec.json.Encoder()
 _PIXEL_HEADERS = {**NO_CACHE_HEADERS, "Content-Type": "image/gif"}
 
@@ -56,8 +61,16 @@ def problem(
     )
 
 
+def clean_text(value: str) -> str:
+    """``value`` as valid UTF-8 text: aiohttp keeps undecodable header bytes as lone
+    surrogates (``surrogateescape``), which no JSON encoder accepts; they become U+FFFD."""
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _param(request: web.Request, name: str) -> str | None:
-    value = request.query.get(name, "").strip()
+    value = clean_text(request.query.get(name, "").strip())
     return value[:MAX_PARAM_CHARS] or None
 
 
@@ -92,38 +105,57 @@ def legacy_host_allowed(url: str, allowed_hosts: Collection[str]) -> bool:
     return host in allowed_hosts
 
 
+class TokenResource(DynamicResource):
+    """``<prefix>/{token}`` matched by a prefix test instead of aiohttp's regex match and
+    dict comprehension (routing is a visible share of a pixel's cost); the same paths
+    match, with the same unquoting (tests/unit/test_tracker_routes.py)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix + "/{token}")
+        self._token_prefix = prefix + "/"
+        self._token_start = len(self._token_prefix)
+
+    def _match(self, path: str) -> dict[str, str] | None:
+        if not path.startswith(self._token_prefix):
+            return None
+        token = path[self._token_start :]
+        if not token or "/" in token or "{" in token or "}" in token:
+            return None
+        if "%" in token:  # as aiohttp's own match does
+            token = token.replace("%2F", "/").replace("%25", "%")
+        return {"token": token}
+
+
 @dataclass(frozen=True)
 class TrackerMetrics:
-    requests: Counter
-    invalid_tokens: Counter
-    audience: Counter
-    _children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict, repr=False)
+    """Counted on every request: plain counters (``counters.FastCounter``), exported like
+    prometheus_client's."""
 
-    def child(self, counter: Counter, *labels: str) -> Any:
-        """``counter.labels(*labels)``, looked up once (labels() costs ~5 us per call)."""
-        key = (id(counter), labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = counter.labels(*labels)
-        return found
+    requests: FastCounter
+    invalid_tokens: FastCounter
+    audience: FastCounter
+
+    def child(self, counter: FastCounter, *labels: str) -> Any:
+        """``counter.labels(*labels)`` (kept for callers of the earlier cached lookup)."""
+        return counter.labels(*labels)
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> TrackerMetrics:
         return cls(
-            requests=Counter(
+            requests=FastCounter(
                 "mailgate_tracker_requests",
                 "Tracking requests by kind (open, click, legacy_*, unsubscribe*) and result "
                 "(ok, dropped, invalid, forbidden_host, unavailable).",
                 ["kind", "result"],
                 registry=registry,
             ),
-            invalid_tokens=Counter(
+            invalid_tokens=FastCounter(
                 "mailgate_tracker_invalid_tokens",
                 "Requests with a missing, tampered, unsigned or wrong-kind token.",
                 ["kind"],
                 registry=registry,
             ),
-            audience=Counter(
+            audience=FastCounter(
                 "mailgate_tracker_audience",
                 "Opens and clicks by audience class and the rule that decided it.",
                 ["kind", "audience", "reason"],
@@ -155,8 +187,27 @@ class TrackerHandlers:
         self._unsubscribe_wait_s = unsubscribe_wait_s
         self._buffer_wait_s = buffer_wait_s
         self._clock = clock
+        self._locations: dict[str, str | None] = {}
+        self._ids = EventIds()
+
+    def add_to(self, app: web.Application) -> None:
+        """Register the routes; the two hot ones (pixel, click) as ``TokenResource``."""
+        for prefix, handler in (("/track/o", self.open_pixel), ("/track/c", self.click)):
+            resource = TokenResource(prefix)
+            app.router.register_resource(resource)
+            resource.add_route("GET", handler)
+            resource.add_route("HEAD", handler)  # as web.get() does
+        app.add_routes(
+            [
+                web.get("/track/o", self.legacy_open),
+                web.get("/track/c", self.legacy_click),
+                web.get("/u/{token}", self.unsubscribe_page),
+                web.post("/u/{token}", self.unsubscribe),
+            ]
+        )
 
     def routes(self) -> list[web.RouteDef]:
+        """Every route as plain route definitions (``add_to`` registers faster ones)."""
         return [
             web.get("/track/o/{token}", self.open_pixel),
             web.get("/track/o", self.legacy_open),
@@ -169,11 +220,23 @@ class TrackerHandlers:
     # --- helpers -------------------------------------------------------------------------
 
     def _count(self, kind: str, result: str) -> None:
-        self._metrics.child(self._metrics.requests, kind, result).inc()
+        self._metrics.requests.labels(kind, result).inc()
 
     def _invalid(self, kind: str) -> None:
-        self._metrics.child(self._metrics.invalid_tokens, kind).inc()
+        self._metrics.invalid_tokens.labels(kind).inc()
         self._count(kind, "invalid")
+
+    def _location(self, url: str) -> str | None:
+        """``redirect_location(url)``, remembered per URL."""
+        try:
+            return self._locations[url]
+        except KeyError:
+            pass
+        location = redirect_location(url)
+        if len(self._locations) >= LOCATION_MEMO_SIZE:
+            self._locations.clear()
+        self._locations[url] = location
+        return location
 
     def _token(self, request: web.Request, kind: str) -> TokenPayload | None:
         payload = self._signer.verify(request.match_info["token"])
@@ -181,17 +244,25 @@ class TrackerHandlers:
             return None
         return payload
 
-    async def _emit(self, kind: str, event: Event, verdict: Verdict) -> None:
-        """Hand ``event`` to the buffer (waits only while it is full and NATS connected)."""
+    def _emit(self, kind: str, event: Event, verdict: Verdict) -> bool:
+        """Hand ``event`` to the buffer if it has room (``True``); ``False``: it is full, the
+        caller awaits ``_emit_wait`` (no coroutine per request for the common case)."""
         metrics = self._metrics
-        metrics.child(metrics.audience, kind, verdict.audience, verdict.reason).inc()
+        metrics.audience.labels(kind, verdict.audience, verdict.reason).inc()
+        if self._buffer.full:
+            return False
+        metrics.requests.labels(kind, "ok" if self._buffer.submit(event) else "dropped").inc()
+        return True
+
+    async def _emit_wait(self, kind: str, event: Event) -> None:
+        """Wait for room (only while NATS is connected: backpressure), else drop."""
         accepted = await self._buffer.put(event, max_wait_s=self._buffer_wait_s)
-        self._count(kind, "ok" if accepted else "dropped")
+        self._metrics.requests.labels(kind, "ok" if accepted else "dropped").inc()
 
     @staticmethod
     def _agent(request: web.Request) -> str | None:
         agent = request.headers.get("User-Agent")
-        return agent[:MAX_USER_AGENT_CHARS] if agent else None
+        return clean_text(agent[:MAX_USER_AGENT_CHARS]) if agent else None
 
     @staticmethod
     def _pixel() -> web.Response:
@@ -220,14 +291,18 @@ class TrackerHandlers:
             return self._pixel()  # the pixel in all cases: a broken image helps nobody
         agent, ip = self._agent(request), request.remote
         verdict = classify_open(self._rules, request.method, agent, ip)
+        now = time.time()
         event = TrackOpen(
+            event_id=self._ids(now),
+            occurred_at=now,
             mailgate_id=payload.mailgate_id,
             ip=ip,
             user_agent=agent,
             audience=verdict.audience,
             audience_reason=verdict.reason,
         )
-        await self._emit("open", event, verdict)
+        if not self._emit("open", event, verdict):
+            await self._emit_wait("open", event)
         return self._pixel()
 
     async def legacy_open(self, request: web.Request) -> web.Response:
@@ -239,7 +314,10 @@ class TrackerHandlers:
             return self._pixel()
         agent, ip = self._agent(request), request.remote
         verdict = classify_open(self._rules, request.method, agent, ip)
+        now = time.time()
         event = TrackOpen(
+            event_id=self._ids(now),
+            occurred_at=now,
             legacy=True,
             external_id=external_id,
             campaign_id=campaign_id,
@@ -249,7 +327,8 @@ class TrackerHandlers:
             audience=verdict.audience,
             audience_reason=verdict.reason,
         )
-        await self._emit("legacy_open", event, verdict)
+        if not self._emit("legacy_open", event, verdict):
+            await self._emit_wait("legacy_open", event)
         return self._pixel()
 
     # --- clicks --------------------------------------------------------------------------
@@ -273,14 +352,17 @@ class TrackerHandlers:
 
     async def click(self, request: web.Request) -> web.Response:
         payload = self._token(request, "click")
-        location = redirect_location(payload.url) if payload and payload.url else None
+        location = self._location(payload.url) if payload and payload.url else None
         if payload is None or payload.url is None or location is None:
             self._invalid("click")
             return self._invalid_link()  # never a redirect we did not sign
         agent, ip, verdict = self._classify_click(
             request, payload.mailgate_id, payload.url, payload.mailgate_id
         )
+        now = time.time()
         event = TrackClick(
+            event_id=self._ids(now),
+            occurred_at=now,
             url=payload.url,
             mailgate_id=payload.mailgate_id,
             ip=ip,
@@ -288,11 +370,12 @@ class TrackerHandlers:
             audience=verdict.audience,
             audience_reason=verdict.reason,
         )
-        await self._emit("click", event, verdict)
+        if not self._emit("click", event, verdict):
+            await self._emit_wait("click", event)
         return self._redirect(location)
 
     async def legacy_click(self, request: web.Request) -> web.Response:
-        url = request.query.get("url", "")
+        url = clean_text(request.query.get("url", ""))
         location = redirect_location(url)
         if location is None or not legacy_host_allowed(url, self._legacy_hosts):
             self._count("legacy_click", "forbidden_host")
@@ -306,7 +389,10 @@ class TrackerHandlers:
         agent, ip, verdict = self._classify_click(
             request, mailgate_id or external_id, url, mailgate_id
         )
+        now = time.time()
         event = TrackClick(
+            event_id=self._ids(now),
+            occurred_at=now,
             url=url,
             legacy=True,
             external_id=external_id,
@@ -317,7 +403,8 @@ class TrackerHandlers:
             audience=verdict.audience,
             audience_reason=verdict.reason,
         )
-        await self._emit("legacy_click", event, verdict)
+        if not self._emit("legacy_click", event, verdict):
+            await self._emit_wait("legacy_click", event)
         return self._redirect(location)
 
     # --- unsubscribe ---------------------------------------------------------------------
