@@ -137,12 +137,19 @@ async def test_one_message_travels_smtp_to_postal_to_a_signed_customer_webhook(
         assert row["mailgate_id"] == mailgate_id
         assert row["postal_id"] == postal["id"]
         assert row["external_id"] == "ams-42" and row["campaign_id"] == "73"
-        detail = await asyncio.to_thread(
-            _get_json, f"{stack.url('ledger')}/v1/messages/{mailgate_id}", stack.admin_token
-        )
-        assert detail["status"] == "delivered"
-        names = [e["name"] for e in detail["events"]]
-        assert {"accepted", "sent", "delivered"} <= set(names)
+
+        # 'sent' comes on the MAIL stream, 'delivered' on POSTAL: the ledger may commit them in
+        # either order, so the history is complete only eventually.
+        async def history() -> dict[str, Any]:
+            detail = await asyncio.to_thread(
+                _get_json, f"{stack.url('ledger')}/v1/messages/{mailgate_id}", stack.admin_token
+            )
+            assert detail["status"] == "delivered"
+            names = [e["name"] for e in detail["events"]]
+            assert {"accepted", "sent", "delivered"} <= set(names), names
+            return detail
+
+        await eventually(history, timeout=30, what="full history in the ledger")
     finally:
         await runner.cleanup()
 
