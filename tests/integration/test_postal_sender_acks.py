@@ -203,26 +203,8 @@ async def test_eager_fetches_hand_over_one_message_at_once_and_top_up_a_backlog(
         handled.extend((time.monotonic(), len(msgs)) for _ in msgs)
         return [Ack() for _ in msgs]
 
-    worker = PullWorker(
-        js,
-        stream="MAIL",
-        durable="eager-test",
-        filter_subject="mail.accepted",
-        handle_batch=handle,
-        batch=64,
-        fetch_timeout_s=5.0,
-        eager=True,
-    )
-    await worker.start()
-    try:
-        published = time.monotonic()
-        await publish_event(js, accepted())
-        await eventually(lambda: len(handled) == 1, timeout=10, what="handled")
-        assert handled[0][0] - published < 1.0
-        await worker.stop()  # a backlog builds up while nobody fetches
-        events = [accepted() for _ in range(40)]
-        await asyncio.gather(*(publish_event(js, e) for e in events))
-        worker = PullWorker(
+    def eager_worker() -> PullWorker:
+        return PullWorker(
             js,
             stream="MAIL",
             durable="eager-test",
@@ -232,6 +214,18 @@ async def test_eager_fetches_hand_over_one_message_at_once_and_top_up_a_backlog(
             fetch_timeout_s=5.0,
             eager=True,
         )
+
+    worker = eager_worker()
+    await worker.start()
+    try:
+        published = time.monotonic()
+        await publish_event(js, accepted())
+        await eventually(lambda: len(handled) == 1, timeout=10, what="handled")
+        assert handled[0][0] - published < 1.0
+        await worker.stop()  # a backlog builds up while nobody fetches
+        events = [accepted() for _ in range(40)]
+        await asyncio.gather(*(publish_event(js, e) for e in events))
+        worker = eager_worker()
         await worker.start()
         await eventually(lambda: len(handled) == 41, timeout=10, what="backlog handled")
         assert max(size for _, size in handled[1:]) > 1  # the top-up took the rest
