@@ -244,13 +244,22 @@ class IngestHandler:
         pairs = list(zip(ids, envelope.rcpt_tos, strict=True))
         for start in range(0, len(pairs), group):
             chunk = pairs[start : start + group]
-            outcomes = await asyncio.gather(
-                *(
-                    self._event_for(mid, rcpt, envelope, principal, account, inspected, session)
-                    for mid, rcpt in chunk
-                ),
-                return_exceptions=True,
-            )
+            outcomes: list[MailAccepted | MailSkipped | BaseException]
+            if len(chunk) == 1:  # the common case: no task (and no loop turn) for one copy
+                mid, rcpt = chunk[0]
+                outcomes = [
+                    await self._event_for(
+                        mid, rcpt, envelope, principal, account, inspected, session
+                    )
+                ]
+            else:
+                outcomes = await asyncio.gather(
+                    *(
+                        self._event_for(mid, rcpt, envelope, principal, account, inspected, session)
+                        for mid, rcpt in chunk
+                    ),
+                    return_exceptions=True,
+                )
             failures = [o for o in outcomes if isinstance(o, BaseException)]
             if failures:
                 transient = [f for f in failures if isinstance(f, PublishError | TransientError)]

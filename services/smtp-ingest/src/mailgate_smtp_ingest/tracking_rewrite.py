@@ -339,7 +339,7 @@ def _slots_for(
     found: list[tuple[int, int, Slot]] = []
     if html_part:
         for match in _A_HREF.finditer(data):
-            group = next(g for g in (1, 2, 3) if match.start(g) >= 0)
+            group = match.lastindex  # (the one of the three alternatives that matched)
             start, end = match.span(group)
             value = bytes(data[start:end])
             if _UNSUB_TAG.search(value):
