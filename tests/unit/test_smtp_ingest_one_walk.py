@@ -15,6 +15,7 @@ import tracemalloc
 import pytest
 from mailgate_core.tracking import TokenSigner
 from mailgate_smtp_ingest.handlers import _inspect
+from mailgate_smtp_ingest.mime import split_multipart
 from mailgate_smtp_ingest.rewrite import HeaderRules, prepare
 from mailgate_smtp_ingest.tracking_rewrite import TrackingLinks, plan_message, render_copy
 
@@ -128,3 +129,25 @@ def test_large_buffers_are_mapped_so_freeing_them_returns_the_memory() -> None:
     applied = release_large_buffers_promptly()
     if platform.libc_ver()[0] == "glibc":
         assert applied  # the service's build() relies on it (bench_smtp's 10 MB row)
+
+
+@pytest.mark.parametrize(
+    ("body", "parts"),
+    [
+        # preamble, two parts, close delimiter, epilogue
+        (b"pre\r\n--b\r\none\r\n--b\r\ntwo\r\n--b--\r\nepilogue", [b"one", b"two"]),
+        # transport padding after a delimiter; bare LF line ends
+        (b"--b \t\nx\n--b--\t\n", [b"x"]),
+        # "--b" inside a line, or followed by more text, is not a delimiter
+        (b"--b\r\nsee --b\r\n--bx\r\nstill one\r\n--b--", [b"see --b\r\n--bx\r\nstill one"]),
+        # no close delimiter: the last part runs to the end (as the email package does)
+        (b"--b\r\nonly\r\n", [b"only\r\n"]),
+        # a delimiter at the very end of the body
+        (b"--b\r\na\r\n--b", [b"a", b""]),
+        (b"no delimiter at all", []),
+    ],
+)
+def test_multipart_bodies_split_at_delimiter_lines_only(body: bytes, parts: list[bytes]) -> None:
+    buf = b"HEAD\r\n" + body
+    spans = split_multipart(buf, 6, len(buf), "b")
+    assert [buf[a:b] for a, b in spans] == parts

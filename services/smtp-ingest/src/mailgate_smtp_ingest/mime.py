@@ -90,30 +90,37 @@ class MimePart:
     """A blank line ends the header block (without one the part is all header)."""
 
 
+#: What may follow ``--boundary`` on a delimiter line: ``--`` (the close delimiter), blanks,
+#: the line end. Compiled once; the boundary itself is found with ``bytes.find`` (each
+#: message has its own boundary, and compiling a pattern per boundary cost ~0.1-0.2 ms).
+_DELIMITER_TAIL = re.compile(rb"(--)?[ \t]*(\r\n|\r|\n|\Z)")
+
+
 def split_multipart(buf: bytes, start: int, end: int, boundary: str) -> list[tuple[int, int]]:
     """``(start, end)`` of each body part between the delimiter lines of ``boundary``."""
-    # A literal prefix lets the regex engine scan fast; the line-start test is done below
-    # (a lookbehind in front of it made the scan ten times slower).
-    delimiter = re.compile(
-        rb"--"
-        + re.escape(boundary.encode("utf-8", "surrogateescape"))
-        + rb"(--)?[ \t]*(\r\n|\r|\n|\Z)"
-    )
+    marker = b"--" + boundary.encode("utf-8", "surrogateescape")
     spans: list[tuple[int, int]] = []
     opened: int | None = None
-    for match in delimiter.finditer(buf, start, end):
-        if match.start() > 0 and buf[match.start() - 1] not in b"\r\n":
+    at = buf.find(marker, start, end)
+    while at >= 0:
+        tail = _DELIMITER_TAIL.match(buf, at + len(marker), end)
+        if tail is None:  # "--boundary" followed by more text: not a delimiter line
+            at = buf.find(marker, at + 1, end)
+            continue
+        if at > 0 and buf[at - 1] not in b"\r\n":
+            at = buf.find(marker, tail.end(), end)
             continue  # not at the start of a line
         if opened is not None:
-            stop = match.start()
+            stop = at
             if buf[stop - 2 : stop] == b"\r\n":
                 stop -= 2
             elif buf[stop - 1 : stop] in (b"\r", b"\n"):
                 stop -= 1
             spans.append((opened, max(opened, stop)))
-        if match.group(1):  # the close delimiter: the epilogue follows
+        if tail.group(1):  # the close delimiter: the epilogue follows
             return spans
-        opened = match.end()
+        opened = tail.end()
+        at = buf.find(marker, opened, end)
     if opened is not None:
         spans.append((opened, max(opened, end)))  # no close delimiter (as email does)
     return spans
