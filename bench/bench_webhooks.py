@@ -8,7 +8,10 @@ A nats-server (sync_interval always), ``python -m mailgate_ams_reporter`` with
   ``mailgate_webhook_delivery_seconds`` histogram, interpolated within buckets);
 * batch backlog: the same to an endpoint with ``batch: true`` (events per second);
 * paced: events published at about half the backlog rate while ams-reporter runs; p50/p99
-  of the end-to-end delay, publish to arrival at the receiver.
+  of the end-to-end delay, publish to arrival at the receiver;
+* with automatic stop on (an AMS fake in this process): ``sent`` events, each delivered and
+  added to its campaign's counters; ams-reporter's CPU from ready (before the publish) until
+  every consumer of STATUS has acked everything, per event.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from aiohttp import web
 from mailgate_core.nats import KV_ENDPOINTS, provision, publish_event
 from mailgate_core.records import AccountEndpoints, EndpointRecord
 from mailgate_core.schemas import MessageRef, StatusEvent
+from mailgate_fakes.ams import AmsFake
 from mailgate_fakes.infra import NatsServer, free_port, python_env
 
 from common import Options, Row, percentile, process_cpu_s
@@ -75,9 +79,9 @@ class Receiver:
         self.cpu_last = process_cpu_s(self.pid) if self.pid else 0.0
 
 
-def _event(account_id: str, i: int) -> StatusEvent:
+def _event(account_id: str, i: int, name: str = "delivered") -> StatusEvent:
     return StatusEvent(
-        name="delivered",
+        name=name,  # type: ignore[arg-type]
         timestamp=int(time.time()),
         data={"smtp_reply": "250 2.0.0 OK"},
         message=MessageRef(
@@ -174,7 +178,7 @@ async def run(opts: Options) -> list[Row]:
         try:
             await provision(js)
             kv = await js.key_value(KV_ENDPOINTS)
-            for account, batch in (("single", False), ("bulk", True)):
+            for account, batch in (("single", False), ("bulk", True), ("counted", False)):
                 record = AccountEndpoints(
                     account_id=account,
                     endpoints=[
@@ -223,6 +227,11 @@ async def run(opts: Options) -> list[Row]:
                 )
                 return row, ops_port
 
+            # First, while STATUS is empty: an autostop consumer of an older version would
+            # otherwise read the other rows' events too.
+            counted = await _autostop_row(
+                js, env, tmp, receiver, 300 if opts.quick else min(backlog, 5000)
+            )
             single, _ = await drain(
                 "single", f"webhooks: {backlog} queued -> 1 endpoint, {IN_FLIGHT} in flight"
             )
@@ -266,6 +275,8 @@ async def run(opts: Options) -> list[Row]:
                     note=f"end-to-end delay over {count} events (~half the backlog rate)",
                 )
             )
+            rows.append(counted)
+            _stop(procs.pop())
         finally:
             for proc in procs:
                 _stop(proc)
@@ -273,3 +284,79 @@ async def run(opts: Options) -> list[Row]:
             server.stop()
             await runner.cleanup()
     return rows
+
+
+async def _settled(js, durables: tuple[str, ...]) -> bool:  # type: ignore[no-untyped-def]
+    for durable in durables:
+        try:
+            info = await js.consumer_info("STATUS", durable)
+        except Exception:  # noqa: S112 - a consumer this version does not have
+            continue
+        if info.num_pending or info.num_ack_pending:
+            return False
+    return True
+
+
+async def _autostop_row(  # type: ignore[no-untyped-def]
+    js, env: dict[str, str], tmp: Path, receiver: Receiver, count: int
+) -> Row:
+    """``sent`` events to one endpoint with automatic stop on: every event is delivered and
+    counted (thresholds are never crossed: only ``sent``)."""
+    ams = AmsFake("bench-ams-key")
+    ams.add_mailing(73, name="Bench", state="running", total=count)
+    ams_url = await ams.start()
+    ops_port = free_port()
+    proc = _spawn(
+        {
+            **env,
+            "OPS_PORT": str(ops_port),
+            "AUTOSTOP_ENABLED": "true",
+            "AMS_API_URL": ams_url,
+            "AMS_API_KEY": "bench-ams-key",
+        },
+        tmp / "counted.log",
+    )
+    try:
+        await _wait_ready(ops_port)
+        receiver.reset(proc.pid)
+        cpu0 = process_cpu_s(proc.pid)
+        started = time.monotonic()
+        await _publish_all(js, [_event("counted", 2_000_000 + i, "sent") for i in range(count)])
+        await _wait_for(lambda: len(receiver.arrivals) >= count, 120, "counted delivered")
+        deadline = time.monotonic() + 60
+        while not await _settled(js, ("ams-reporter", "ams-reporter-autostop")):
+            if time.monotonic() > deadline:
+                raise RuntimeError("bench_webhooks: STATUS consumers not settled")
+            await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - started
+        cpu = process_cpu_s(proc.pid) - cpu0
+        counters = await js.key_value("campaign-counters")
+        totals = msgspec.json.decode((await counters.get("73")).value)["totals"]
+    finally:
+        _stop(proc)
+        await ams.stop()
+    return Row(
+        benchmark=f"webhooks + autostop: {count} 'sent' -> 1 endpoint, counted",
+        rate_per_s=count / elapsed,
+        cpu_s_per_1k=cpu / count * 1000,
+        note=(
+            f"cpu = ams-reporter's from ready to all STATUS consumers settled; "
+            f"campaign counters sent={totals.get('sent', 0)}"
+        ),
+    )
+
+
+def _is_ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+async def _wait_ready(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not _is_ready(port):
+        if time.monotonic() > deadline:
+            raise RuntimeError("bench_webhooks: ams-reporter not ready")
+        await asyncio.sleep(0.05)

@@ -3,23 +3,46 @@ once (replicas, duplicates, restarts), nothing below the minimum volume, resume.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 import nats.errors
+import nats.js.errors
 import pytest
 from mailgate_ams_reporter.app import AmsReporter
-from mailgate_ams_reporter.autostop import CampaignCounters
+from mailgate_ams_reporter.autostop import CampaignCounters, Counts, ThresholdBook, Thresholds
+from mailgate_ams_reporter.campaigns import (
+    AutoStopper,
+    CampaignCounter,
+    CampaignTally,
+    ConflictError,
+    CounterStore,
+    ensure_bucket,
+)
+from mailgate_ams_reporter.metrics import AutostopMetrics
 from mailgate_core.nats import publish_event
 from mailgate_core.schemas import CampaignAutoStopped, CampaignResumed, StatusEvent, decode
 from mailgate_fakes.ams import AmsFake
 from mailgate_fakes.infra import free_port
 from mailgate_fakes.testing import eventually
-from test_ams_reporter_support import StartReporter, metric, settled, start_reporter, status_event
+from nats.js.api import ConsumerConfig
+from prometheus_client import CollectorRegistry
+from test_ams_reporter_support import (
+    Receiver,
+    StartReporter,
+    endpoint,
+    metric,
+    put_endpoints,
+    receiver,
+    settled,
+    start_reporter,
+    status_event,
+)
 
-__all__ = ["start_reporter"]  # fixture
+__all__ = ["receiver", "start_reporter"]  # fixtures
 
 KEY = "ams-test-key"
 MIN_SENT = 50
@@ -62,7 +85,7 @@ async def publish(
 
 
 async def counted(js: Any) -> bool:
-    return await settled(js, "STATUS", "ams-reporter-autostop")
+    return await settled(js, "STATUS", "ams-reporter")
 
 
 async def counters(js: Any, campaign_id: str = "73") -> CampaignCounters:
@@ -240,3 +263,72 @@ async def test_a_stop_that_fails_while_ams_is_down_is_retried_until_it_succeeds_
         )
     finally:
         await fake.stop()
+
+
+async def test_counting_rides_on_the_delivery_consumer_and_each_webhook_goes_out_once(
+    js, ams: AmsFake, receiver: Receiver, start_reporter: StartReporter
+) -> None:
+    # An old deployment's autostop durable is removed: nothing holds status messages for it.
+    await js.add_consumer(
+        "STATUS", ConsumerConfig(durable_name="ams-reporter-autostop", filter_subject="status.>")
+    )
+    await put_endpoints(js, "acc1", endpoint("ep1", receiver.url(), events=["sent"]))
+    service = await start_reporter(**settings(ams.url))
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await js.consumer_info("STATUS", "ams-reporter-autostop")
+
+    await publish(js, "sent", 20)
+    await publish(js, "delivered", 20)  # neither counted nor wanted by the endpoint
+    await eventually(lambda: counted(js), what="counted and acked")
+    record = await counters(js)
+    assert (record.totals.sent, record.totals.hard_bounced) == (20, 0)
+    assert metric(service, "mailgate_autostop_events_counted_total", status="sent") == 20
+    sent = sorted(body["message"]["mailgate_id"] for body in receiver.bodies("/hook"))
+    assert len(sent) == 20 and len(set(sent)) == 20
+
+
+class FlakyStore(CounterStore):
+    """Refuses the first ``failures`` writes, like a KV bucket in trouble."""
+
+    def __init__(self, kv: Any, failures: int) -> None:
+        super().__init__(kv)
+        self.failures = failures
+        self.writes = 0
+
+    async def add(self, campaign_id: str, account_id: str, delta: Counts) -> CampaignCounters:
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConflictError("busy")
+        self.writes += 1
+        return await super().add(campaign_id, account_id, delta)
+
+
+async def test_the_tally_writes_a_burst_at_once_and_reports_a_failed_write(js) -> None:
+    kv = await ensure_bucket(js, "campaign-counters", ttl_s=None)
+    store = FlakyStore(kv, failures=1)
+    counter = CampaignCounter(
+        store=store,
+        stopper=AutoStopper(
+            js=js,
+            markers=await ensure_bucket(js, "campaign-autostop", ttl_s=None),
+            counters=store,
+            ams=None,
+            metrics=AutostopMetrics(CollectorRegistry()),
+            owner="test",
+        ),
+        thresholds=ThresholdBook(Thresholds()),
+        metrics=AutostopMetrics(CollectorRegistry()),
+    )
+    tally = CampaignTally(counter, linger_s=0.05)
+    events = [
+        status_event("sent", mailgate_id=f"01JMGTALLY{i:016d}", campaign_id=str(70 + i % 2))
+        for i in range(40)
+    ]
+    first = await asyncio.gather(*(tally.submit(e) for e in events))
+    # The write of campaign 70 was refused (its events must be redelivered), 71's stored.
+    assert first == [i % 2 == 1 for i in range(40)]
+    assert (await counters(js, "71")).totals.sent == 20
+    again = await asyncio.gather(*(tally.submit(e) for e in events[::2]))
+    assert again == [True] * 20
+    assert (await counters(js, "70")).totals.sent == 20
+    assert store.writes == 2  # one compare-and-set per campaign per burst

@@ -117,6 +117,7 @@ async def test_a_sandbox_webhook_is_published_with_our_mailgate_id(ingest: Inges
     assert (event.status, event.recipient, event.tag) == ("Sent", "a@x.com", "camp-9")
     assert event.event_id == ingest.sandbox.webhooks[0].uuid
     assert event.payload["message"]["message_id"] == f"{mailgate_id}@{DOMAIN}"
+    await ingest.sandbox.idle()  # the sandbox notes the attempt once it has read the answer
     assert [a["status"] for a in ingest.sandbox.webhook_attempts] == [200]
     assert ingest.metric("mailgate_webhooks_received_total", event="MessageSent") == 1
 

@@ -3,11 +3,16 @@ the headers it needs (cached): the same values ``policy.default`` parsing gives.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.parser
 import email.policy
+import re
 
 import pytest
-from mailgate_fakes.postal import _header_values, _headers_of
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mailgate_fakes.postal import _decode64, _header_values, _headers_of, _split_simple_headers
 
 NAMES = ("From", "Sender", "Message-ID", "X-Postal-Tag", "Subject", "Reply-To", "To")
 
@@ -45,3 +50,84 @@ def test_headers_end_at_the_first_blank_line() -> None:
     headers = _headers_of(SAMPLES[3])
     assert _header_values(headers, "From") == []
     assert _header_values(headers, "subject") == ["no from"]
+
+
+def compat32_pairs(raw: bytes) -> list[tuple[str, str]]:
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
+        head + b"\r\n\r\n"
+    )
+    return list(parsed.raw_items())
+
+
+_LINE_PARTS = st.sampled_from(
+    [
+        "From: a@x",
+        "Subject: hi",
+        "Subject:",
+        "X-Tag:  two  ",
+        " folded",
+        "\tfolded",
+        "  ",
+        "From a@x",
+        "no colon",
+        ":empty name",
+        "Bad Name: v",
+        "\xe9: v",
+        "Sub\xe9: v",
+        "X: caf\xe9",
+        "X: a\rb",
+        "X: a\nb",
+        "",
+        'To: b@y, "c, d" <c@d>',
+        "X-\x7f: del",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_LINE_PARTS, max_size=8), st.sampled_from(["", "\r\n", "\r\n\r\nbody"]))
+def test_the_direct_split_gives_the_compat32_pairs(lines: list[str], tail: str) -> None:
+    raw = "\r\n".join(lines).encode("utf-8", "surrogateescape") + tail.encode()
+    assert _headers_of(raw) == compat32_pairs(raw)
+
+
+@pytest.mark.parametrize("raw", SAMPLES)
+def test_well_formed_samples_take_the_direct_split(raw: bytes) -> None:
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert _split_simple_headers(head) == compat32_pairs(raw)
+
+
+def ruby_decode64(data: str) -> bytes:
+    """The lenient path alone (what ``_decode64`` did before its strict fast path)."""
+    cleaned = re.sub(rb"[^A-Za-z0-9+/]", b"", data.encode("latin-1", "ignore")).rstrip(b"=")
+    cleaned = cleaned[: len(cleaned) - (len(cleaned) % 4 == 1)]
+    cleaned += b"=" * (-len(cleaned) % 4)
+    try:
+        return base64.b64decode(cleaned)
+    except binascii.Error:
+        return b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()),
+        st.text(alphabet="AQZaz09+/=\n \xe9-_", max_size=24),
+    )
+)
+def test_decode64_fast_path_decodes_like_ruby(data: str) -> None:
+    assert _decode64(data) == ruby_decode64(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(alphabet="aZ09!#$%&'*+/=?^_`{|}~.-\"()<>@ ,;:[]\\\t", max_size=12),
+    st.text(alphabet="aZ09.-[]@ ()", max_size=10),
+)
+def test_a_plain_message_id_reads_as_the_header_parser_reads_it(local: str, domain: str) -> None:
+    for value in (f"<{local}@{domain}>", f"{local}@{domain}", f" <{local}@{domain}> "):
+        raw = f"Message-ID: {value}\r\nSubject: x\r\n\r\n".encode()
+        assert _header_values(_headers_of(raw), "Message-ID") == default_policy_values(
+            raw, "Message-ID"
+        )

@@ -8,8 +8,10 @@ Consumers (durable, shared by replicas):
   then dead letters (``mail.webhook_dead_lettered``).
 * Each successful delivery is recorded as ``mail.webhook_delivered`` (WEBHOOK_RECORD_DELIVERIES)
   before its message is acked; a failed record is logged and counted, the webhook not resent.
-* ``STATUS`` / ``ams-reporter-autostop`` (``status.>``): per-campaign counters, automatic
-  stop (only when the AMS API is configured and AUTOSTOP_ENABLED).
+* Automatic stop (only when the AMS API is configured and AUTOSTOP_ENABLED): the first
+  consumer also adds each counted event to its campaign's counters before acking it
+  (campaigns.CampaignTally), so every status message is fetched and acked once. (Before,
+  a consumer of its own, ``ams-reporter-autostop``, did this; it is deleted on start.)
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import contextlib
 import socket
 
 import aiohttp
+import nats.errors
+import nats.js.errors
 import structlog
 from mailgate_core.ams import AmsClient
 from mailgate_core.config import BaseSettings, ConfigError, Secret
 from mailgate_core.ids import new_ulid
-from mailgate_core.nats import DAY_S, PullWorker, per_message
+from mailgate_core.nats import DAY_S, per_message
 from mailgate_core.service import ServiceBase
 from prometheus_client import CollectorRegistry
 
@@ -35,6 +39,7 @@ from .campaigns import (
     KV_CAMPAIGN_COUNTERS,
     AutoStopper,
     CampaignCounter,
+    CampaignTally,
     Control,
     CounterStore,
     ensure_bucket,
@@ -53,6 +58,7 @@ DURABLE = "ams-reporter"
 FILTER = "status.>"
 RETRY_DURABLE = "ams-reporter-retry"
 AUTOSTOP_DURABLE = "ams-reporter-autostop"
+"""The autostop consumer of earlier versions (deleted on start)."""
 
 
 class Settings(BaseSettings, frozen=True, kw_only=True):
@@ -225,6 +231,7 @@ class AmsReporter(ServiceBase):
             dead_letters=dead_letters,
             retry=retry,
             metrics=self.metrics,
+            tally=await self._setup_autostop(),
         )
         again = RetryHandler(
             endpoints=self.endpoints,
@@ -268,18 +275,18 @@ class AmsReporter(ServiceBase):
                 fetch_timeout_s=0.5,
             )
         )
-        await self._setup_autostop()
         self.on_stop.append(self._stop_intake)
         self.add_ops_server()
 
-    async def _setup_autostop(self) -> None:
+    async def _setup_autostop(self) -> CampaignTally | None:
         s = self.settings
+        await self._delete_old_autostop_consumer()
         if not s.autostop_enabled:
             log.info("autostop disabled")
-            return
+            return None
         if not s.ams_configured:
             log.info("autostop disabled: AMS API not configured")
-            return
+            return None
         counters = CounterStore(
             await ensure_bucket(
                 self.js, KV_CAMPAIGN_COUNTERS, ttl_s=30 * DAY_S, replicas=s.jetstream_replicas
@@ -308,23 +315,23 @@ class AmsReporter(ServiceBase):
             metrics=self.autostop_metrics,
             recent_s=s.autostop_recent_s,
         )
-        self.workers.append(
-            PullWorker(
-                self.js,
-                STREAM,
-                AUTOSTOP_DURABLE,
-                FILTER,
-                counter,
-                batch=256,
-                # Confirmed acks (the counters are not idempotent), sent together: one write
-                # and one read for a batch's acks instead of a round trip each in turn.
-                settle_concurrency=64,
-            )
-        )
         assert self.nc is not None
         self.control = Control(self.nc, self.stopper)
         self.on_start.append(self.control.start)
         self.on_start.append(self._start_sweeper)
+        return CampaignTally(counter)
+
+    async def _delete_old_autostop_consumer(self) -> None:
+        """The durable that counted before the delivery consumer did: left alone, it would
+        hold its backlog and redelivery state on the server for nothing."""
+        try:
+            await self.js.delete_consumer(STREAM, AUTOSTOP_DURABLE)
+        except nats.js.errors.NotFoundError:
+            return
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            log.warning("old autostop consumer not deleted", error=str(exc))
+            return
+        log.info("old autostop consumer deleted", durable=AUTOSTOP_DURABLE)
 
     async def _stop_intake(self) -> None:
         """First step of stop(): no more requests, sweeps or fetches; in-flight deliveries

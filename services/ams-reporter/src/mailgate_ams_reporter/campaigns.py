@@ -1,9 +1,9 @@
 """Automatic campaign stop: counting, stopping once, resuming (the rules are in autostop.py).
 
-* ``CampaignCounter`` is the batch handler of the ``ams-reporter-autostop`` consumer of
-  ``status.>``: it adds each batch's counted events to the campaign's record in the
-  ``campaign-counters`` KV bucket (compare-and-set, so replicas never lose an update), then
-  checks the thresholds.
+* ``CampaignTally`` counts from the delivery consumer of ``status.>`` (handlers.StatusHandler):
+  a status message is acked only once its event is counted. ``CampaignCounter`` adds a batch
+  of events to the campaigns' records in the ``campaign-counters`` KV bucket (compare-and-set,
+  so replicas never lose an update), then checks the thresholds.
 * ``AutoStopper`` turns a crossing into exactly one ``stopMailing``: the first process to
   create (or, after a resume, advance) the campaign's marker in ``campaign-autostop`` owns the
   stop; everyone else sees the marker and does nothing. A failed call releases the marker and
@@ -33,13 +33,11 @@ import nats.errors
 import nats.js.errors
 import structlog
 from mailgate_core.ams import AmsClient, AmsError
-from mailgate_core.nats import Ack, Nak, Outcome, PublishError, Term, publish_event
+from mailgate_core.nats import PublishError, publish_event
 from mailgate_core.schemas import (
     CampaignAutoStopped,
     CampaignResumed,
-    SchemaError,
     StatusEvent,
-    decode,
 )
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -450,8 +448,16 @@ class _Group:
     statuses: Tally[str] = field(default_factory=Tally)
 
 
+def is_counted(event: StatusEvent) -> bool:
+    """Whether ``event`` adds to its campaign's counters (a replay from the dead letters is
+    not a new fact)."""
+    return bool(
+        event.message.campaign_id and event.name in COUNTED_STATUSES and not event.endpoint_ids
+    )
+
+
 class CampaignCounter:
-    """Batch handler of the ``ams-reporter-autostop`` consumer (``status.>``)."""
+    """Adds status events to the per-campaign counters and checks the thresholds."""
 
     def __init__(
         self,
@@ -468,19 +474,20 @@ class CampaignCounter:
         self._metrics = metrics
         self._recent_s = recent_s
 
-    async def __call__(self, msgs: Sequence[Msg]) -> list[Outcome]:
-        outcomes: list[Outcome] = [Ack()] * len(msgs)
+    @property
+    def metrics(self) -> AutostopMetrics:
+        return self._metrics
+
+    async def count(self, events: Sequence[StatusEvent]) -> list[bool]:
+        """One compare-and-set per campaign for the lot; per event, whether its count is
+        stored (False: try again later). Events that are not counted are True at once."""
+        stored = [True] * len(events)
         groups: dict[str, _Group] = {}
-        for index, msg in enumerate(msgs):
-            try:
-                event = decode(msg.data, StatusEvent)
-            except SchemaError as exc:
-                log.error("undecodable status event", subject=msg.subject, error=str(exc))
-                outcomes[index] = Term("undecodable")
+        for index, event in enumerate(events):
+            if not is_counted(event):
                 continue
             campaign_id = event.message.campaign_id
-            if not campaign_id or event.name not in COUNTED_STATUSES or event.endpoint_ids:
-                continue  # (a replay from the dead letters is not a new fact)
+            assert campaign_id is not None
             group = groups.setdefault(campaign_id, _Group(event.message.account_id))
             group.delta = group.delta.plus(Counts.of(event.name))
             group.indexes.append(index)
@@ -494,7 +501,7 @@ class CampaignCounter:
                     "campaign counters not updated", campaign_id=campaign_id, error=str(exc)
                 )
                 for index in group.indexes:
-                    outcomes[index] = Nak(random.uniform(1.0, 3.0))
+                    stored[index] = False
                 continue
             for status, count in group.statuses.items():
                 self._metrics.counted.labels(status).inc(count)
@@ -508,7 +515,67 @@ class CampaignCounter:
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
                 # The counts are in; the next event of this campaign checks again.
                 log.warning("campaign stop not claimed", campaign_id=campaign_id, error=str(exc))
-        return outcomes
+        return stored
+
+
+class CampaignTally:
+    """Counting from the delivery consumer of ``status.>`` (no consumer of its own).
+
+    Each status message's handler ``submit``s its event and, before its message is acked,
+    awaits the future: True once the count is stored in ``campaign-counters``. Events are
+    gathered for up to ``linger_s`` (or ``max_events``) and written by one ``count`` call (one
+    compare-and-set per campaign), one write at a time, so a burst costs a few KV round trips
+    instead of one per event, and every status message is fetched and acked once, not twice.
+    """
+
+    def __init__(
+        self, counter: CampaignCounter, *, linger_s: float = 0.05, max_events: int = 1024
+    ) -> None:
+        self._counter = counter
+        self._linger_s = linger_s
+        self._max_events = max_events
+        self._waiting: list[tuple[StatusEvent, asyncio.Future[bool]]] = []
+        self._full = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._write = asyncio.Lock()
+
+    def give_up(self, event: StatusEvent) -> None:
+        """Counting ``event`` failed on every delivery: it is left out (logged, counted)."""
+        self._counter.metrics.dropped.labels(event.name).inc()
+        log.error(
+            "campaign count given up",
+            campaign_id=event.message.campaign_id,
+            mailgate_id=event.message.mailgate_id,
+            event_id=event.event_id,
+            status=event.name,
+        )
+
+    def submit(self, event: StatusEvent) -> asyncio.Future[bool]:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((event, future))
+        if self._flusher is None:
+            self._full.clear()
+            self._flusher = asyncio.create_task(self._flush_soon(), name="autostop-count")
+        elif len(self._waiting) >= self._max_events:
+            self._full.set()
+        return future
+
+    async def _flush_soon(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._linger_s):
+                await self._full.wait()
+        batch, self._waiting = self._waiting, []
+        self._flusher = None  # what comes in meanwhile goes to the next write
+        stored: list[bool] = [False] * len(batch)
+        try:
+            async with self._write:
+                stored = await self._counter.count([event for event, _ in batch])
+        except Exception:
+            log.exception("campaign counting crashed", events=len(batch))
+        finally:
+            for (_, future), ok in zip(batch, stored, strict=True):
+                if not future.done():
+                    future.set_result(ok)
 
 
 class Control:

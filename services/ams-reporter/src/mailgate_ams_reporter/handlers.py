@@ -15,7 +15,16 @@ import time
 
 import msgspec
 import structlog
-from mailgate_core.nats import Ack, Nak, Outcome, PublishError, Term, delivery_count, publish_event
+from mailgate_core.nats import (
+    Ack,
+    Nak,
+    Outcome,
+    PublishError,
+    Term,
+    backoff_delay,
+    delivery_count,
+    publish_event,
+)
 from mailgate_core.records import EndpointRecord
 from mailgate_core.schemas import (
     SchemaError,
@@ -29,6 +38,7 @@ from nats.js import JetStreamContext
 
 from .batching import BatchConfig, Batcher
 from .breaker import LaneBusy, Lanes
+from .campaigns import CampaignTally, is_counted
 from .delivery import (
     AttemptResult,
     Deferred,
@@ -44,6 +54,13 @@ from .payload import build_body, targets
 from .retry import RetryPolicy, RetryTask, decode_task, encode_task, retry_msg_id, retry_subject
 
 log = structlog.get_logger()
+
+#: Progress mark of a status message whose event is in the campaign counters (never an
+#: endpoint id: those are ULIDs).
+COUNTED = "#counted"
+#: Deliveries of a status message whose event could not be counted before counting is given
+#: up (backoff 1 s doubling to 5 min: a quarter of an hour).
+COUNT_MAX_DELIVERIES = 12
 
 
 class Dispatcher:
@@ -253,7 +270,8 @@ def _outcome_name(result: AttemptResult) -> str:
 
 
 class StatusHandler:
-    """First try of each delivery of a ``status.>`` message."""
+    """First try of each delivery of a ``status.>`` message; with automatic stop on, also
+    its count in the campaign counters (``tally``), stored before the message is acked."""
 
     def __init__(
         self,
@@ -265,6 +283,7 @@ class StatusHandler:
         retry: RetryPolicy,
         metrics: WebhookMetrics,
         progress: DeliveryProgress | None = None,
+        tally: CampaignTally | None = None,
     ) -> None:
         self._js = js
         self._endpoints = endpoints
@@ -273,6 +292,7 @@ class StatusHandler:
         self._retry = retry
         self._metrics = metrics
         self._progress = progress if progress is not None else DeliveryProgress()
+        self._tally = tally
 
     async def __call__(self, msg: Msg) -> Outcome:
         try:
@@ -282,14 +302,22 @@ class StatusHandler:
             return Term("undecodable")
         ref = event.message
         chosen = targets(self._endpoints.endpoints(ref.account_id), event)
-        if not chosen:
+        counting = self._tally is not None and is_counted(event)
+        if not chosen and not counting:
             return Ack()
         seq = _stream_seq(msg)
         key = str(seq)
         done = self._progress.done(key)
+        count: asyncio.Future[bool] | None = None
+        if counting and COUNTED not in done:
+            assert self._tally is not None
+            count = self._tally.submit(event)  # written while the webhooks go out
         pending = [e for e in chosen if e.id not in done]
-        if len(pending) == 1:  # the usual case: no gather, no extra task
-            results: list[AttemptResult] = [await self._dispatcher.send(event, pending[0])]
+        results: list[AttemptResult]
+        if not pending:
+            results = []
+        elif len(pending) == 1:  # the usual case: no gather, no extra task
+            results = [await self._dispatcher.send(event, pending[0])]
         else:
             results = list(
                 await asyncio.gather(*(self._dispatcher.send(event, e) for e in pending))
@@ -318,10 +346,22 @@ class StatusHandler:
                     unsettled = True
                     continue
             served.append(endpoint.id)
+        count_delay_s = 0.0
+        if count is not None:
+            assert self._tally is not None
+            if await count:
+                served.append(COUNTED)
+            elif delivery_count(msg) >= COUNT_MAX_DELIVERIES:
+                # Counting has failed for a long time (backoff up to 5 min each): give it up
+                # rather than hold this message, and with enough of them every delivery.
+                self._tally.give_up(event)
+            else:
+                unsettled = True
+                count_delay_s = backoff_delay(delivery_count(msg))
         if unsettled:  # redelivered soon: remember who needs nothing more
             for endpoint_id in served:
                 self._progress.mark(key, endpoint_id)
-            return Nak(random.uniform(1.0, 3.0))
+            return Nak(max(count_delay_s, random.uniform(1.0, 3.0)))
         if done:
             self._progress.forget(key)
         return Ack()
@@ -447,7 +487,13 @@ class RetryHandler:
 
 
 def _stream_seq(msg: Msg) -> int:
+    """The stream sequence from the ack subject (``$JS.ACK.<stream>.<consumer>.<delivered>.
+    <stream seq>...``, or with domain and account hash first), without building nats-py's
+    whole metadata (its timestamp conversion cost more than the rest)."""
+    tokens = (msg.reply or "").split(".")
     try:
+        if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+            return int(tokens[5])
         return int(msg.metadata.sequence.stream)
     except Exception:
         return 0

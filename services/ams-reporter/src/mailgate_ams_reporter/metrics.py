@@ -102,6 +102,13 @@ class AutostopMetrics:
             ["status"],
             registry=registry,
         )
+        self.dropped = Counter(
+            "mailgate_autostop_events_dropped",
+            "Status events left out of the campaign counters after counting failed on every"
+            " delivery (a quarter of an hour), by status.",
+            ["status"],
+            registry=registry,
+        )
         self.stops = Counter(
             "mailgate_autostop_campaigns_stopped",
             "AMS mailings stopped automatically, by the rate that crossed its threshold.",
