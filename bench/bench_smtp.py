@@ -10,7 +10,9 @@ The client is a minimal async SMTP client on asyncio streams (STARTTLS with
 ``StreamWriter.start_tls``): 20 concurrent sessions, one recipient per message, either a new
 connection (EHLO, STARTTLS, EHLO, AUTH) per message or one connection reused for all of a
 session's messages. Latency is from the end of DATA (the lone dot) to the 250 reply; CPU is
-the server process's (user + system) per 1000 messages.
+the server process's (user + system) per 1000 messages. Every message has its own MIME
+boundaries, Message-ID and X-AMS-Message-ID, as a mailer's campaign has (``Payload``;
+``BENCH_SMTP_SAME_MESSAGE=1`` sends one message over and over, as the bench did before).
 
 Run it alone: ``python bench/run.py --only smtp`` (``BENCH_SMTP_COUNT`` messages per row,
 ``BENCH_SMTP_CASES`` a part of the row labels to run, e.g. ``2 KB, STARTTLS, reused``, or
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import itertools
 import os
 import re
 import ssl
@@ -109,6 +112,40 @@ def dot_stuffed(raw: bytes) -> bytes:
     return data if data.endswith(b"\r\n") else data + b"\r\n"
 
 
+class Payload:
+    """DATA for one message after another, each with its own MIME boundaries, Message-ID and
+    X-AMS-Message-ID, as a mailer sends a campaign: a server that memoises what it parsed
+    (header values, boundary patterns) would otherwise see one message over and over.
+    ``BENCH_SMTP_SAME_MESSAGE=1``: every message is the same bytes (the old bench)."""
+
+    _RUN = itertools.count()
+
+    def __init__(self, data: bytes, *, fresh: bool = True):
+        self.fresh = fresh
+        boundaries = list(dict.fromkeys(re.findall(rb'boundary="([^"]+)"', data)))
+        data = b"Message-ID: <\x00M\x00@shop.example.com>\r\n" + data
+        data = data.replace(b"X-AMS-Message-ID: ams-bench-1", b"X-AMS-Message-ID: \x00A\x00", 1)
+        for index, boundary in enumerate(boundaries):
+            data = data.replace(boundary, b"\x00%d\x00" % index)
+        self._pieces = data.split(b"\x00")  # literal, slot, literal, slot, ..., literal
+        self._first = self._fill(next(self._RUN))
+
+    def _fill(self, serial: int) -> bytes:
+        unique = b"%06d%013d" % (os.getpid() % 1_000_000, serial)
+        values = {b"M": b"bench-" + unique, b"A": b"ams-" + unique}
+        pieces = self._pieces[:]
+        for i in range(1, len(pieces), 2):
+            slot = pieces[i]
+            pieces[i] = values.get(slot) or b"=_mg" + slot + b"_" + unique + b"_="
+        return b"".join(pieces)
+
+    def next(self) -> bytes:
+        return self._fill(next(self._RUN)) if self.fresh else self._first
+
+    def __len__(self) -> int:
+        return len(self._first)
+
+
 # --- a minimal async SMTP client ----------------------------------------------------------------
 
 
@@ -183,7 +220,7 @@ class Load:
 
 async def drive(
     port: int,
-    data: bytes,
+    payload: Payload,
     count: int,
     *,
     tls: ssl.SSLContext | None,
@@ -198,7 +235,7 @@ async def drive(
         client = await Client.open(port, tls, auth=auth) if reuse else None
         for n in range(messages):
             one = client or await Client.open(port, tls, auth=auth)
-            latencies.append(await one.send(f"r{index}-{n}@example.org", data))
+            latencies.append(await one.send(f"r{index}-{n}@example.org", payload.next()))
             if not reuse:
                 await one.close()
         if client is not None:
@@ -294,7 +331,7 @@ async def _put_credential(nats_url: str) -> None:
 @dataclass(frozen=True)
 class Case:
     size: str
-    data: bytes
+    data: Payload
     tls: bool
     reuse: bool
 
@@ -317,7 +354,7 @@ class Server:
     """CPU of the server's durable storage in another process (smtp-ingest: nats-server)."""
 
 
-def _drive_on_own_loop(port: int, data: bytes, count: int, **options: Any) -> tuple[Load, float]:
+def _drive_on_own_loop(port: int, data: Payload, count: int, **options: Any) -> tuple[Load, float]:
     """``drive`` on an event loop of its own in the calling thread: uvloop (as the servers
     run) unless ``BENCH_SMTP_CLIENT_LOOP=asyncio``. ``(load, the client's CPU seconds)``.
 
@@ -417,8 +454,9 @@ async def run(opts: Options) -> list[Row]:
     workers = int(os.environ.get("BENCH_SMTP_WORKERS", str(min(2, os.cpu_count() or 1))))
     small = campaign_message(2048, links=4)
     large = campaign_message(50 * 1024, links=40, attachment=20_000)
+    fresh = os.environ.get("BENCH_SMTP_SAME_MESSAGE") != "1"
     cases = [
-        Case(size, dot_stuffed(data), tls, reuse)
+        Case(size, Payload(dot_stuffed(data), fresh=fresh), tls, reuse)
         for size, data in (("2 KB", small), ("50 KB", large))
         for tls in (True, False)
         for reuse in (True, False)

@@ -18,7 +18,7 @@ from email.utils import collapse_rfc2231_value
 from functools import lru_cache
 
 from . import replies
-from .mime import MalformedMime, MimePart, body_start_after, walk_body, walk_message
+from .mime import MalformedMime, MimePart, body_start_after, memo_key, walk_body, walk_message
 from .rewrite import HeaderField
 
 _FORBIDDEN = """
@@ -132,7 +132,7 @@ def find_forbidden_attachment(raw: bytes, parts: Sequence[MimePart] | None = Non
             raise replies.Rejected(replies.TOO_DEEPLY_NESTED) from None
     else:
         for fields in declared:
-            extension = _forbidden_in(fields)
+            extension = _forbidden_in(memo_key(fields)[0])  # (a boundary names no file)
             if extension is not None:
                 return extension
         return None

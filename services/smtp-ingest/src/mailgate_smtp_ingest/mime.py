@@ -37,7 +37,8 @@ class ContentInfo:
 
     headers: Message
     """A header-only ``Message`` with the part's Content-* fields (for parameters); shared
-    between parts with the same fields: read it, never change it."""
+    between parts with the same fields: read it, never change it. (Its boundary parameter
+    may be a stand-in: ``boundary`` is the part's own.)"""
     content_type: str
     boundary: str | None
     charset: str | None
@@ -45,12 +46,51 @@ class ContentInfo:
     is_attachment: bool
 
 
+#: A multipart Content-Type field whose only parameter is a quoted boundary of plain
+#: characters (RFC 2046 bchars but the blank): what mailers write, with a new boundary in
+#: every message. Such a value holds no quote, backslash, ``;`` or blank, so putting another
+#: boundary of the same characters in its place cannot change how the ``email`` package
+#: reads the rest of the field.
+_BOUNDARY_ONLY = re.compile(
+    rb"content-type:[ \t]*multipart/[a-z0-9.+-]+[ \t]*;(?:\r?\n[ \t]+|[ \t]*)"
+    rb'boundary="([a-z0-9\'()+_,./:=?-]{1,70})"[ \t]*\r?\n',
+    re.IGNORECASE,
+)
+_STAND_IN = "mailgate-memo-key"
+
+
+def memo_key(fields: tuple[HeaderField, ...]) -> tuple[tuple[HeaderField, ...], str | None]:
+    """``(fields, boundary)``: ``fields`` with a fixed stand-in for the boundary of a
+    boundary-only multipart Content-Type (and that boundary), so that memoised parsing of
+    part headers still hits when each message has its own boundary; else ``(fields, None)``."""
+    found = next((i for i, f in enumerate(fields) if f.key == "content-type"), -1)
+    if found < 0:
+        return fields, None
+    field = fields[found]
+    match = _BOUNDARY_ONLY.fullmatch(field.raw)  # (fails at once for a non-multipart)
+    if match is None or any(f.key == "content-type" for f in fields[found + 1 :]):
+        return fields, None  # (two Content-Type fields: left as they are)
+    generic = HeaderField(
+        field.name, field.raw[: match.start(1)] + _STAND_IN.encode() + field.raw[match.end(1) :]
+    )
+    return (*fields[:found], generic, *fields[found + 1 :]), match.group(1).decode("ascii")
+
+
 def content_info(fields: Sequence[HeaderField], default_type: str = "text/plain") -> ContentInfo:
     """The part's content info. Campaigns repeat the same part headers message after
     message, so results are memoised by those header lines (the ``email`` package's
-    parameter parsing is the costliest step of reading a small message)."""
+    parameter parsing is the costliest step of reading a small message); a multipart's
+    boundary, new in every message, is left out of the key (``memo_key``)."""
     content = tuple(f for f in fields if f.key in CONTENT_FIELDS)
-    return _content_info(content, default_type)
+    key, boundary = memo_key(content)
+    if boundary is None:
+        return _content_info(content, default_type)
+    info = _content_info(key, default_type)
+    if info.boundary != _STAND_IN:  # (cannot happen for what _BOUNDARY_ONLY matches)
+        return _content_info(content, default_type)
+    return ContentInfo(
+        info.headers, info.content_type, boundary, info.charset, info.cte, info.is_attachment
+    )
 
 
 @lru_cache(maxsize=4096)

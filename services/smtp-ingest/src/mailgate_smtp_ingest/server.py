@@ -10,11 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
+import logging
+import math
 import re
 from base64 import b64decode
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
+from aiosmtpd.smtp import (
+    BOGUS_LIMIT,
+    SMTP,
+    TLSSetupException,
+    _AuthMechAttr,
+    login_always_fail,
+    sanitized_log,
+    syntax,
+)
 
 from . import replies
 from .metrics import Metrics
@@ -44,6 +56,48 @@ _TIMEOUT_RESET_BYTES = 1 << 20
 _TLS_EXTRA = ("sslcontext", "peercert", "cipher", "compression", "ssl_object")
 #: The most DATA bytes one reader call returns (the reader buffers up to twice this).
 _DATA_READ_LIMIT = 256 * 1024
+#: aiosmtpd's logger (app.py sets it to WARNING: it logs every command at INFO).
+_WIRE_LOG = logging.getLogger("mail.log")
+
+
+@dataclass(frozen=True)
+class _MethodTables:
+    """What aiosmtpd's ``SMTP.__init__`` looks up by introspection on every connection
+    (``inspect.getmembers`` of the protocol and the handler, ``dir`` of both: a third of a
+    millisecond per connection), found once per protocol class and handler."""
+
+    smtp: tuple[str, ...]
+    """``smtp_*`` attribute names of the protocol."""
+    auth: tuple[tuple[str, str, bool], ...]
+    """``(mechanism, attribute name, on the protocol itself)`` in aiosmtpd's order."""
+    hooks: dict[str, Any]
+    """aiosmtpd's ``_handle_hooks``: the handler's bound ``handle_*`` methods."""
+    ehlo_hook_ver: str | None
+
+    @classmethod
+    def of(cls, protocol: SMTP) -> _MethodTables:
+        """The tables of a protocol that aiosmtpd's own ``__init__`` set up."""
+        handler = protocol.event_handler
+        auth = tuple(
+            (
+                getattr(
+                    method,
+                    "__auth_mechanism_name__",
+                    name.replace("auth_", "").replace("__", "-"),
+                ),
+                name,
+                obj is protocol,
+            )
+            for obj in (protocol, handler)
+            for name, method in inspect.getmembers(obj)
+            if name.startswith("auth_")
+        )
+        return cls(
+            smtp=tuple(name for name in dir(protocol) if name.startswith("smtp_")),
+            auth=auth,
+            hooks=dict(protocol._handle_hooks),
+            ehlo_hook_ver=protocol._ehlo_hook_ver,
+        )
 
 
 class Intake:
@@ -62,6 +116,7 @@ class Intake:
         self._in_data = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.method_tables: dict[tuple[type[SMTP], object], _MethodTables] = {}
 
     @property
     def in_data(self) -> int:
@@ -165,18 +220,31 @@ class MailgateSMTP(SMTP):
         auth_require_tls: bool = True,
         timeout_s: float = 300.0,
     ):
-        super().__init__(
-            handler,
-            data_size_limit=None,  # our own limit and text, see smtp_MAIL hook and smtp_DATA
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=hostname,
-            ident="mailgate ESMTP",
-            tls_context=None if implicit_tls else tls_context,
-            auth_require_tls=auth_require_tls,
-            timeout=timeout_s,
-            loop=asyncio.get_running_loop(),
-        )
+        key = (type(self), handler)
+        tables = intake.method_tables.get(key)
+        if tables is None:  # the first connection: aiosmtpd's own __init__, then remember
+            super().__init__(
+                handler,
+                data_size_limit=None,  # our own limit and text, see smtp_MAIL hook, smtp_DATA
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                hostname=hostname,
+                ident="mailgate ESMTP",
+                tls_context=None if implicit_tls else tls_context,
+                auth_require_tls=auth_require_tls,
+                timeout=timeout_s,
+                loop=asyncio.get_running_loop(),
+            )
+            intake.method_tables[key] = _MethodTables.of(self)
+        else:
+            self._init_like_aiosmtpd(
+                handler,
+                tables,
+                hostname=hostname,
+                tls_context=None if implicit_tls else tls_context,
+                auth_require_tls=auth_require_tls,
+                timeout_s=timeout_s,
+            )
         # aiosmtpd keeps these limits in a class-level dict shared by every connection and
         # grows it on each EHLO; an instance dict sized for SIZE=/SMTPUTF8/BODY= params.
         self.command_size_limits = collections.defaultdict(
@@ -188,6 +256,62 @@ class MailgateSMTP(SMTP):
         self.implicit_tls = implicit_tls
         self._admitted_ip: str | None = None
         self._refused = False
+        self._idle_deadline = 0.0
+        self._timer_due = math.inf  # when the armed idle timer fires (inf: none armed)
+
+    def _init_like_aiosmtpd(
+        self,
+        handler: IngestHandler,
+        tables: _MethodTables,
+        *,
+        hostname: str,
+        tls_context: ssl.SSLContext | None,
+        auth_require_tls: bool,
+        timeout_s: float,
+    ) -> None:
+        """The state aiosmtpd 1.4's ``SMTP.__init__`` sets up for the arguments passed above,
+        with its introspection replaced by ``tables`` (tests/unit/test_smtp_ingest_protocol.py
+        compares the two, so an aiosmtpd upgrade that adds state fails there)."""
+        loop = asyncio.get_running_loop()
+        self.__ident__ = "mailgate ESMTP"
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        self.event_handler = handler
+        self.data_size_limit = None
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.hostname = hostname
+        self.tls_context = tls_context
+        self.require_starttls = None if tls_context is None else False  # (aiosmtpd's value)
+        self._timeout_duration = timeout_s
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = auth_require_tls
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = False
+        self._auth_methods = {
+            mechanism: _AuthMechAttr(getattr(self if own else handler, name), own)
+            for mechanism, name, own in tables.auth
+        }
+        self._handle_hooks = dict(tables.hooks)
+        self._ehlo_hook_ver = tables.ehlo_hook_ver
+        self._smtp_methods = {
+            name.replace("smtp_", ""): getattr(self, name) for name in tables.smtp
+        }
+        self._enforce_call_limit = False
 
     # --- connection bookkeeping ----------------------------------------------------------
 
@@ -243,16 +367,20 @@ class MailgateSMTP(SMTP):
             self._handler_coroutine.cancel()
 
     async def push(self, status: Any) -> None:
+        """aiosmtpd's ``push`` (one write, then drain) with enhanced status codes added."""
         if isinstance(status, Reply):
             status = str(status)
         if isinstance(status, str):
-            status = self._with_enhanced_code(status)
-        await super().push(status)
+            status = self._with_enhanced_code(status).encode()  # SMTPUTF8 on: UTF-8
+        self._writer.write(status + b"\r\n")
+        await self._writer.drain()
 
     def _with_enhanced_code(self, status: str) -> str:
         """RFC 2034: every reply (but greeting, HELO/EHLO, 334/354) carries x.y.z."""
+        if _ENHANCED.match(status):  # most replies already do: one anchored match
+            return status
         match = _REPLY.fullmatch(status)
-        if match is None or _ENHANCED.match(status):
+        if match is None:
             return status
         code = int(match.group(1))
         if code in _NO_ENHANCED or code < 200 or match.group(2) == self.hostname:
@@ -271,6 +399,133 @@ class MailgateSMTP(SMTP):
         self.close_now()
 
     # --- aiosmtpd overrides ----------------------------------------------------------------
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """The idle timer. aiosmtpd cancels it and schedules a new one on every command;
+        here the deadline moves and the armed timer, when it fires before the deadline,
+        re-arms itself: one timer per idle period instead of one per command."""
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._idle_deadline = deadline
+        if deadline < self._timer_due:  # none armed, or it must fire sooner
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            self._timer_due = deadline
+            self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
+
+    def _timeout_cb(self) -> None:
+        self._timer_due = math.inf
+        if self.transport is None:
+            return
+        deadline = self._idle_deadline
+        if self.loop.time() < deadline:  # there was activity since the timer was armed
+            self._timer_due = deadline
+            self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
+            return
+        super()._timeout_cb()
+
+    async def _handle_client(self) -> None:
+        """aiosmtpd's command loop, with the same checks and replies in the same order,
+        minus what its profile showed per command: the wire log's sanitising when the
+        log is off, and the timer handle (see ``_reset_timeout``). Settings this service
+        never uses (PROXY protocol, call limits, require_starttls, no SMTPUTF8) run
+        aiosmtpd's own loop."""
+        if (
+            self._proxy_timeout is not None
+            or self._enforce_call_limit
+            or self.require_starttls
+            or not self.enable_SMTPUTF8
+        ):
+            await super()._handle_client()
+            return
+        session = self.session
+        reader = self._reader
+        assert session is not None and reader is not None
+        methods = self._smtp_methods
+        await self.push(f"220 {self.hostname} {self.__ident__}")
+        bogus_budget = BOGUS_LIMIT
+        while self.transport is not None:
+            try:
+                try:
+                    line: bytes = await reader.readuntil()
+                except asyncio.LimitOverrunError as error:
+                    await self._skip_long_line(error.consumed)
+                    await self.push("500 Command line too long")
+                    continue
+                line = line.rstrip(b"\r\n")
+                if _WIRE_LOG.isEnabledFor(logging.INFO):
+                    sanitized_log(_WIRE_LOG.info, "%r >> %r", self.session.peer, line)
+                if not line:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                command_bytes, _, arg_bytes = line.partition(b" ")
+                try:
+                    command = command_bytes.upper().decode("ascii")
+                except UnicodeDecodeError:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                # Arguments are UTF-8 with surrogateescape: non-UTF-8 bytes survive.
+                arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
+                session = self.session  # (STARTTLS makes a new one)
+                max_size = (
+                    self.command_size_limits[command]
+                    if session.extended_smtp
+                    else self.command_size_limit
+                )
+                if len(line) > max_size:
+                    await self.push("500 Command line too long")
+                    continue
+                if not self._tls_handshake_okay and command != "QUIT":
+                    await self.push("554 Command refused due to lack of security")
+                    continue
+                method = methods.get(command)
+                if method is None:
+                    _WIRE_LOG.warning("%r unrecognised: %s", session.peer, command)
+                    bogus_budget -= 1
+                    if bogus_budget < 1:
+                        _WIRE_LOG.warning("%r too many bogus commands", session.peer)
+                        await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
+                        self.transport.close()
+                        continue
+                    await self.push(f'500 Error: command "{command}" not recognized')
+                    continue
+                self._reset_timeout()  # a valid command
+                await method(arg)
+            except (asyncio.CancelledError, ConnectionResetError):
+                _WIRE_LOG.info("%r Connection lost during _handle_client()", self.session.peer)
+                self._writer.close()
+                raise
+            except Exception as error:
+                await self._answer_exception(error)
+
+    async def _skip_long_line(self, consumed: int) -> None:
+        """Read up to the end of an over-long command line (aiosmtpd's handling)."""
+        reader = self._reader
+        await reader.read(consumed)
+        while True:
+            try:
+                await reader.readuntil()
+                return
+            except asyncio.LimitOverrunError as error:
+                await reader.read(error.consumed)
+
+    async def _answer_exception(self, error: Exception) -> None:
+        """What aiosmtpd's loop does with an exception a command raised."""
+        status = None
+        try:
+            status = await self.handle_exception(error)
+        except Exception as inner_error:
+            try:
+                _WIRE_LOG.exception("%r Exception in handle_exception()", self.session.peer)
+                status = f"500 Error: ({inner_error.__class__.__name__}) {inner_error}"
+            except Exception:
+                status = "500 Error: Cannot describe error"
+        finally:
+            if isinstance(error, TLSSetupException):
+                assert self.transport is not None
+                self.transport.close()
+                self.connection_lost(error)
+            else:
+                await self.push(status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parser, with a fast path giving the same answer for plain
