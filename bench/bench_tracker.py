@@ -8,6 +8,9 @@ The load generator is a minimal HTTP/1.1 keep-alive client on raw asyncio stream
 request in flight per connection: aiohttp's own client spends more CPU per request than
 the server under test, and on a 2-core machine it would measure itself. ``wrk`` is not
 required; an nginx column appears only when ``nginx`` is on PATH.
+
+The tracker inherits this process's environment: ``TRACKER_INLINE_ROUTES=false`` measures it
+with every request going through its aiohttp ``Application`` (the A/B of docs/tracking.md).
 """
 
 from __future__ import annotations

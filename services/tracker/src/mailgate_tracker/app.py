@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 from mailgate_core.config import BaseSettings, ConfigError, Secret
+from mailgate_core.ops import add_ops_routes
 from mailgate_core.service import ServiceBase
 from mailgate_core.tracking import TokenSigner
 from prometheus_client import CollectorRegistry
@@ -18,6 +19,7 @@ from .audience import (
     parse_networks,
 )
 from .handlers import TrackerHandlers, TrackerMetrics
+from .inline import InlineRoutes, TrackingAppRunner
 from .publisher import BufferMetrics, EventBuffer
 
 
@@ -61,6 +63,9 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     """CIDRs of link scanners (everything from them is ``scanner``)."""
     tracker_scanner_agents: list[str] = []
     """Extra user-agent substrings (case-insensitive) that mark a link scanner."""
+    tracker_inline_routes: bool = True
+    """Answer valid opens and clicks inside the HTTP protocol (``inline.py``) instead of
+    through aiohttp's request/response objects; off: every request goes through the app."""
 
     def secrets(self) -> list[str]:
         raw = Secret(self.tracking_secret).reveal()
@@ -102,6 +107,8 @@ class TrackerService(ServiceBase):
     """ServiceBase plus the event buffer: started before HTTP, flushed after HTTP stops."""
 
     buffer: EventBuffer
+    app: web.Application
+    inline: InlineRoutes | None = None
 
     async def connect(self) -> None:
         await super().connect()
@@ -111,6 +118,18 @@ class TrackerService(ServiceBase):
 
     async def start(self) -> None:
         self.buffer.start()
+        settings: Settings = self.settings  # type: ignore[assignment]
+        # start_http's runner, with the inline routes in front when they are on
+        if self.inline is not None:
+            runner: web.AppRunner = TrackingAppRunner(
+                self.app, inline=self.inline, access_log=None, shutdown_timeout=5.0
+            )
+        else:
+            runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
+        await runner.setup()
+        self.runners.append(runner)
+        site = web.TCPSite(runner, settings.tracker_host, settings.tracker_port, reuse_address=True)
+        await site.start()
         await super().start()
 
     async def stop(self) -> None:
@@ -153,5 +172,8 @@ async def build(settings: Settings, *, registry: CollectorRegistry | None = None
     )
     app = web.Application(client_max_size=64 * 1024)
     handlers.add_to(app)
-    service.add_http(app, settings.tracker_host, settings.tracker_port)
+    add_ops_routes(app, service.health, service.registry)
+    service.app = app  # served by start() (not add_http: its runner has the inline routes)
+    if settings.tracker_inline_routes:
+        service.inline = InlineRoutes(handlers)
     return service

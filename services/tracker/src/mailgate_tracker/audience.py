@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -225,8 +224,8 @@ def classify_open(rules: Rules, method: str, user_agent: str | None, ip: str | N
 
 #: A canonical (upper-case) ULID, and its Crockford digits as ``int(..., 32)`` reads them.
 _CANONICAL_ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
-_CROCKFORD_TO_BASE32 = str.maketrans(
-    "0123456789ABCDEFGHJKMNPQRSTVWXYZ", "0123456789abcdefghijklmnopqrstuv"
+_CROCKFORD_TO_BASE32 = bytes.maketrans(
+    b"0123456789ABCDEFGHJKMNPQRSTVWXYZ", b"0123456789abcdefghijklmnopqrstuv"
 )
 
 
@@ -235,7 +234,7 @@ def accepted_age_s(mailgate_id: str | None, now_s: float) -> float | None:
     if not mailgate_id:
         return None
     if _CANONICAL_ULID.fullmatch(mailgate_id):  # what tokens carry: the C-speed path
-        ms = int(mailgate_id[:10].translate(_CROCKFORD_TO_BASE32), 32)
+        ms = int(mailgate_id[:10].encode().translate(_CROCKFORD_TO_BASE32), 32)
         return now_s - ms / 1000.0
     if not is_ulid(mailgate_id):
         return None
@@ -278,21 +277,29 @@ class ClickHistory:
         self.window_s = window_s
         self.max_messages = max_messages
         self.per_message = per_message
-        self._recent: OrderedDict[str, deque[tuple[float, str]]] = OrderedDict()
+        #: message -> (link -> time of its last click); both oldest first (plain dicts keep
+        #: insertion order: a key popped and put back is the newest)
+        self._recent: dict[str, dict[str, float]] = {}
 
     def __len__(self) -> int:
         return len(self._recent)
 
     def record(self, key: str, url: str, now_s: float) -> int:
         """Note a click on ``url``; return how many other links were clicked in the window."""
-        clicks = self._recent.get(key)
+        recent = self._recent
+        clicks = recent.pop(key, None)
         if clicks is None:
-            clicks = deque(maxlen=self.per_message)
-            self._recent[key] = clicks
-            if len(self._recent) > self.max_messages:
-                self._recent.popitem(last=False)
-        else:
-            self._recent.move_to_end(key)
-        others = {u for t, u in clicks if now_s - t <= self.window_s and u != url}
-        clicks.append((now_s, url))
-        return len(others)
+            clicks = {}
+            if len(recent) >= self.max_messages:
+                del recent[next(iter(recent))]
+        recent[key] = clicks
+        since = now_s - self.window_s
+        others = 0
+        for link, at in clicks.items():
+            if at >= since and link != url:
+                others += 1
+        clicks.pop(url, None)  # re-inserted last: the dict stays ordered by last click
+        clicks[url] = now_s
+        if len(clicks) > self.per_message:
+            del clicks[next(iter(clicks))]
+        return others

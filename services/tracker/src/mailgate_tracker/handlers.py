@@ -69,6 +69,11 @@ def clean_text(value: str) -> str:
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def agent_text(agent: str | None) -> str | None:
+    """The ``User-Agent`` header as the events carry it (cut, valid UTF-8), or ``None``."""
+    return clean_text(agent[:MAX_USER_AGENT_CHARS]) if agent else None
+
+
 def _param(request: web.Request, name: str) -> str | None:
     value = clean_text(request.query.get(name, "").strip())
     return value[:MAX_PARAM_CHARS] or None
@@ -254,6 +259,12 @@ class TrackerHandlers:
         metrics.requests.labels(kind, "ok" if self._buffer.submit(event) else "dropped").inc()
         return True
 
+    def _take(self, kind: str, event: Event, verdict: Verdict) -> None:
+        """``_emit`` for a caller that checked ``buffer.full`` already (the inline path)."""
+        metrics = self._metrics
+        metrics.audience.labels(kind, verdict.audience, verdict.reason).inc()
+        metrics.requests.labels(kind, "ok" if self._buffer.submit(event) else "dropped").inc()
+
     async def _emit_wait(self, kind: str, event: Event) -> None:
         """Wait for room (only while NATS is connected: backpressure), else drop."""
         accepted = await self._buffer.put(event, max_wait_s=self._buffer_wait_s)
@@ -261,8 +272,7 @@ class TrackerHandlers:
 
     @staticmethod
     def _agent(request: web.Request) -> str | None:
-        agent = request.headers.get("User-Agent")
-        return clean_text(agent[:MAX_USER_AGENT_CHARS]) if agent else None
+        return agent_text(request.headers.get("User-Agent"))
 
     @staticmethod
     def _pixel() -> web.Response:
@@ -284,13 +294,10 @@ class TrackerHandlers:
 
     # --- opens ---------------------------------------------------------------------------
 
-    async def open_pixel(self, request: web.Request) -> web.Response:
-        payload = self._token(request, "open")
-        if payload is None:
-            self._invalid("open")
-            return self._pixel()  # the pixel in all cases: a broken image helps nobody
-        agent, ip = self._agent(request), request.remote
-        verdict = classify_open(self._rules, request.method, agent, ip)
+    def _open_event(
+        self, payload: TokenPayload, method: str, agent: str | None, ip: str | None
+    ) -> tuple[TrackOpen, Verdict]:
+        verdict = classify_open(self._rules, method, agent, ip)
         now = time.time()
         event = TrackOpen(
             event_id=self._ids(now),
@@ -301,9 +308,32 @@ class TrackerHandlers:
             audience=verdict.audience,
             audience_reason=verdict.reason,
         )
+        return event, verdict
+
+    async def open_pixel(self, request: web.Request) -> web.Response:
+        payload = self._token(request, "open")
+        if payload is None:
+            self._invalid("open")
+            return self._pixel()  # the pixel in all cases: a broken image helps nobody
+        event, verdict = self._open_event(
+            payload, request.method, self._agent(request), request.remote
+        )
         if not self._emit("open", event, verdict):
             await self._emit_wait("open", event)
         return self._pixel()
+
+    def open_inline(self, token: str, method: str, user_agent: str | None, ip: str | None) -> bool:
+        """``open_pixel`` for the inline path (``inline.py``): ``True`` when the open was
+        taken and the pixel is the answer; ``False`` leaves the request to ``open_pixel``
+        (a bad token, or a full buffer, where the request must wait for room)."""
+        if self._buffer.full:
+            return False
+        payload = self._signer.verify(token)
+        if payload is None or payload.kind != "open":
+            return False
+        event, verdict = self._open_event(payload, method, agent_text(user_agent), ip)
+        self._take("open", event, verdict)
+        return True
 
     async def legacy_open(self, request: web.Request) -> web.Response:
         external_id = _param(request, "eid")
@@ -337,18 +367,46 @@ class TrackerHandlers:
         self, request: web.Request, key: str | None, url: str, mailgate_id: str | None
     ) -> tuple[str | None, str | None, Verdict]:
         agent, ip = self._agent(request), request.remote
+        return agent, ip, self._click_verdict(request.method, agent, ip, key, url, mailgate_id)
+
+    def _click_verdict(
+        self,
+        method: str,
+        agent: str | None,
+        ip: str | None,
+        key: str | None,
+        url: str,
+        mailgate_id: str | None,
+    ) -> Verdict:
         now = self._clock()
         others = self._history.record(key, url, now) if key else 0
-        verdict = classify_click(
+        return classify_click(
             self._rules,
-            request.method,
+            method,
             agent,
             ip,
             mailgate_id=mailgate_id,
             now_s=now,
             other_links_clicked=others,
         )
-        return agent, ip, verdict
+
+    def _click_event(
+        self, payload: TokenPayload, url: str, method: str, agent: str | None, ip: str | None
+    ) -> tuple[TrackClick, Verdict]:
+        mailgate_id = payload.mailgate_id
+        verdict = self._click_verdict(method, agent, ip, mailgate_id, url, mailgate_id)
+        now = time.time()
+        event = TrackClick(
+            event_id=self._ids(now),
+            occurred_at=now,
+            url=url,
+            mailgate_id=mailgate_id,
+            ip=ip,
+            user_agent=agent,
+            audience=verdict.audience,
+            audience_reason=verdict.reason,
+        )
+        return event, verdict
 
     async def click(self, request: web.Request) -> web.Response:
         payload = self._token(request, "click")
@@ -356,23 +414,30 @@ class TrackerHandlers:
         if payload is None or payload.url is None or location is None:
             self._invalid("click")
             return self._invalid_link()  # never a redirect we did not sign
-        agent, ip, verdict = self._classify_click(
-            request, payload.mailgate_id, payload.url, payload.mailgate_id
-        )
-        now = time.time()
-        event = TrackClick(
-            event_id=self._ids(now),
-            occurred_at=now,
-            url=payload.url,
-            mailgate_id=payload.mailgate_id,
-            ip=ip,
-            user_agent=agent,
-            audience=verdict.audience,
-            audience_reason=verdict.reason,
+        event, verdict = self._click_event(
+            payload, payload.url, request.method, self._agent(request), request.remote
         )
         if not self._emit("click", event, verdict):
             await self._emit_wait("click", event)
         return self._redirect(location)
+
+    def click_inline(
+        self, token: str, method: str, user_agent: str | None, ip: str | None
+    ) -> str | None:
+        """``click`` for the inline path (``inline.py``): the ``Location`` to redirect to
+        once the click was taken; ``None`` leaves the request to ``click`` (a bad token, a
+        target ``click`` answers with 404, a full buffer)."""
+        if self._buffer.full:
+            return None
+        payload = self._signer.verify(token)
+        if payload is None or payload.kind != "click" or payload.url is None:
+            return None
+        location = self._location(payload.url)
+        if location is None or not (location.isascii() and location.isprintable()):
+            return None  # never reached (redirect_location encodes); left to aiohttp's checks
+        event, verdict = self._click_event(payload, payload.url, method, agent_text(user_agent), ip)
+        self._take("click", event, verdict)
+        return location
 
     async def legacy_click(self, request: web.Request) -> web.Response:
         url = clean_text(request.query.get("url", ""))

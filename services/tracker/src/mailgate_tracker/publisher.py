@@ -154,6 +154,11 @@ def pack(
         del taken[keep:]
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def _encodable(events: list[Any], dropped: Callable[[Event], None] | None) -> list[Any]:
     """The events JSON can encode; the others are logged and left out (the handlers clean
     what they take from requests, so this is a last line of defence)."""
@@ -199,6 +204,7 @@ class EventBuffer:
     _last_failure_log: float = field(default=0.0, init=False)
     _last_drop_log: float = field(default=0.0, init=False)
     _published: dict[str, Any] = field(default_factory=dict, init=False)
+    _linger_done: asyncio.Future[None] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.metrics.buffered.set_function(self.__len__)
@@ -211,11 +217,12 @@ class EventBuffer:
 
     @property
     def full(self) -> bool:
-        return len(self) >= self.capacity
+        # __len__ spelled out: asked on every request
+        return len(self._pending) + len(self._durable) + self._retry_events >= self.capacity
 
     def submit(self, event: Event) -> bool:
         """Queue ``event``; ``False`` when the buffer is full (dropped and counted)."""
-        if self._closing or len(self) >= self.capacity:
+        if self._closing or self.full:
             self._drop(event)
             return False
         if isinstance(event, _BATCHED):
@@ -276,6 +283,8 @@ class EventBuffer:
         many were dropped (also counted with reason ``shutdown``)."""
         self._closing = True
         self._wakeup.set()
+        if self._linger_done is not None:
+            _resolve(self._linger_done)
         if self._task is not None:
             _, pending = await asyncio.wait([self._task], timeout=timeout_s)
             tasks = [*pending, *self._in_flight]
@@ -318,7 +327,7 @@ class EventBuffer:
                 # it is already full.
                 wait = self._first_at + self.linger_s - time.monotonic()
                 if wait > 0 and len(self._pending) < self.max_batch_events:
-                    await asyncio.sleep(wait)
+                    await self._linger(wait)
                     continue
             delay = self._resume_at - time.monotonic()
             if delay > 0:
@@ -334,6 +343,17 @@ class EventBuffer:
                 continue
             task = asyncio.create_task(self._publish(job, slots))
             self._in_flight[task] = job
+
+    async def _linger(self, wait_s: float) -> None:
+        """Sleep ``wait_s``, or until ``close()`` (which publishes at once)."""
+        loop = asyncio.get_running_loop()
+        done = self._linger_done = loop.create_future()
+        timer = loop.call_later(wait_s, _resolve, done)
+        try:
+            await done
+        finally:
+            timer.cancel()
+            self._linger_done = None
 
     def _next_job(self) -> list[_Durable] | Packed | None:
         if self._durable:
