@@ -12,16 +12,15 @@ import time
 from collections.abc import AsyncIterator
 
 import msgspec
-import nats.errors
 import pytest
 from mailgate_core.config import Secret
 from mailgate_core.ids import new_ulid
 from mailgate_core.nats import Ack, PullWorker, publish_event
 from mailgate_core.records import AccountRecord
-from mailgate_core.schemas import MailAccepted, MailSubmitted, MessageRef, decode
+from mailgate_core.schemas import MailAccepted, MailSubmitted, MessageRef
 from mailgate_fakes.infra import free_port
 from mailgate_fakes.postal import PostalSandbox
-from mailgate_fakes.testing import eventually
+from mailgate_fakes.testing import consumer_settled, eventually, stored_events
 from mailgate_postal_sender.app import Settings, build
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry
@@ -90,19 +89,11 @@ async def put_account(js, account_id: str, postal_api_key: str) -> None:
 
 
 async def submitted(js) -> list[MailSubmitted]:
-    sub = await js.pull_subscribe("mail.submitted", stream="MAIL")
-    try:
-        msgs = await sub.fetch(100, timeout=0.3)
-    except (TimeoutError, nats.errors.TimeoutError):
-        msgs = []
-    finally:
-        await sub.unsubscribe()
-    return [decode(m.data, MailSubmitted) for m in msgs]
+    return await stored_events(js, "mail.submitted", "MAIL", MailSubmitted, limit=100)
 
 
 async def settled(js) -> bool:
-    info = await js.consumer_info("MAIL", "postal-sender")
-    return info.num_pending == 0 and info.num_ack_pending == 0
+    return await consumer_settled(js, "MAIL", "postal-sender")
 
 
 async def test_a_lost_ack_costs_a_replay_never_a_second_submission(

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
-import nats.errors
 import pytest
 from mailgate_core.ids import new_ulid
 from mailgate_core.nats import publish_event
-from mailgate_core.schemas import MailAccepted, MailSubmitted, MessageRef, decode
+from mailgate_core.schemas import MailAccepted, MailSubmitted, MessageRef
 from mailgate_fakes.infra import free_port
 from mailgate_fakes.postal import PostalSandbox
-from mailgate_fakes.testing import eventually
+from mailgate_fakes.testing import consumer_settled, eventually, stored_events
 from mailgate_postal_sender.pending import PendingRecord
 
 KEY = "K" * 24
@@ -119,19 +118,11 @@ def env_for(nats_url: str, sandbox: PostalSandbox, **extra: str) -> dict[str, st
 
 
 async def submitted_events(js) -> list[MailSubmitted]:
-    sub = await js.pull_subscribe("mail.submitted", stream="MAIL")
-    try:
-        msgs = await sub.fetch(1000, timeout=0.3)
-    except (TimeoutError, nats.errors.TimeoutError):
-        msgs = []
-    finally:
-        await sub.unsubscribe()
-    return [decode(m.data, MailSubmitted) for m in msgs]
+    return await stored_events(js, "mail.submitted", "MAIL", MailSubmitted)
 
 
 async def settled(js) -> bool:
-    info = await js.consumer_info("MAIL", "postal-sender")
-    return info.num_pending == 0 and info.num_ack_pending == 0
+    return await consumer_settled(js, "MAIL", "postal-sender")
 
 
 async def wait_exit(proc: SenderProcess) -> int:

@@ -36,3 +36,27 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout}s; last seen: {last!r}")
         await asyncio.sleep(interval)
+
+
+async def stored_events(
+    js: Any, subject: str, stream: str, schema: type[T], *, limit: int = 1000
+) -> list[T]:
+    """Every event on ``subject`` stored in ``stream`` (up to ``limit``), decoded, read by a
+    throwaway pull consumer: what a service under test has made durable."""
+    import nats.errors
+    from mailgate_core.schemas import decode
+
+    sub = await js.pull_subscribe(subject, stream=stream)
+    try:
+        msgs = await sub.fetch(limit, timeout=0.3)
+    except (TimeoutError, nats.errors.TimeoutError):
+        msgs = []
+    finally:
+        await sub.unsubscribe()
+    return [decode(m.data, schema) for m in msgs]
+
+
+async def consumer_settled(js: Any, stream: str, durable: str) -> bool:
+    """Whether ``durable`` has nothing left to deliver and nothing awaiting an ack."""
+    info = await js.consumer_info(stream, durable)
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
