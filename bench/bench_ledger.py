@@ -13,11 +13,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import secrets
+import signal
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,22 +188,23 @@ async def _ingest_run(
             postmaster = await _postmaster_pid(conn)
             others = CpuMeter([p for p in (postmaster,) if p], tree=True)
             nats_cpu = CpuMeter([server.proc.pid] if server.proc else [])
-            others.start()
-            nats_cpu.start()
-            cpu0 = time.process_time()
-            t0 = time.perf_counter()
-            await ledger.start()
-            deadline = time.monotonic() + 600
-            # The ledger's own counter of facts committed (a count(*) of events every few
-            # milliseconds would cost Postgres more than the ingestion it measures).
-            while _committed(ledger.registry) < len(facts):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the ledger did not commit every fact in time")
-                await asyncio.sleep(0.02)
-            elapsed = time.perf_counter() - t0
-            cpu = time.process_time() - cpu0
-            pg_cpu = others.stop()
-            nats_s = nats_cpu.stop()
+            with _profiled(f"ledger-ingest-{label}"):
+                others.start()
+                nats_cpu.start()
+                cpu0 = time.process_time()
+                t0 = time.perf_counter()
+                await ledger.start()
+                deadline = time.monotonic() + 600
+                # The ledger's own counter of facts committed (a count(*) of events every few
+                # milliseconds would cost Postgres more than the ingestion it measures).
+                while _committed(ledger.registry) < len(facts):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the ledger did not commit every fact in time")
+                    await asyncio.sleep(0.02)
+                elapsed = time.perf_counter() - t0
+                cpu = time.process_time() - cpu0
+                pg_cpu = others.stop()
+                nats_s = nats_cpu.stop()
             while await _status_stored(server.url) < statuses:
                 if time.monotonic() > deadline:
                     raise TimeoutError("the outbox did not publish every status event in time")
@@ -342,23 +348,64 @@ async def _lookup_run(tmp: Path, pg_url: str, count: int, samples: int) -> list[
     return rows
 
 
+@contextlib.contextmanager
+def _profiled(name: str) -> Iterator[None]:
+    """``BENCH_PROFILE=<dir>``: py-spy records this process (the ledger runs in it) while
+    the block runs; collapsed stacks in ``<dir>/<name>.txt`` (``bench/profile_summary.py``)."""
+    directory = os.environ.get("BENCH_PROFILE", "")
+    if not directory:
+        yield
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    py_spy = Path(sys.executable).with_name("py-spy")
+    proc = subprocess.Popen(  # noqa: S603 - py-spy from our venv
+        [
+            *(str(py_spy), "record", "--format", "raw", "-r", "250", "--nonblocking"),
+            *("-o", str(Path(directory) / f"{name}.txt"), "--pid", str(os.getpid())),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)  # let py-spy attach
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 async def run(opts: Options) -> list[Row]:
+    """Env knobs (full run only): ``BENCH_LEDGER_MESSAGES`` (messages per ingest run, four
+    facts each), ``BENCH_LEDGER_RUNS`` (comma list of batch sizes, ``default`` = BATCH_SIZE;
+    default ``default,1024,1``), ``BENCH_LEDGER_ROWS`` (lookup fill; 0 skips the lookups)."""
     import pgserver
 
     messages = 250 if opts.quick else int(os.environ.get("BENCH_LEDGER_MESSAGES", "5000"))
     lookup_rows = 20_000 if opts.quick else int(os.environ.get("BENCH_LEDGER_ROWS", "1000000"))
     samples = 100 if opts.quick else 1000
+    runs = ["default", "1"] if opts.quick else ["default", "1024", "1"]
+    if not opts.quick and os.environ.get("BENCH_LEDGER_RUNS"):
+        runs = [r.strip() for r in os.environ["BENCH_LEDGER_RUNS"].split(",") if r.strip()]
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(dir=opts.tmp) as tmp_name:
         tmp = Path(tmp_name)
         pg = pgserver.get_server(str(tmp / "pg"), cleanup_mode="stop")
         try:
             pg_url = str(pg.get_uri())
-            rows = await _ingest_run(tmp, pg_url, messages, None, "batched")
-            if not opts.quick:  # BATCH_SIZE=1024: fewer round trips and pull requests per fact
-                rows += await _ingest_run(tmp, pg_url, messages, 1024, "batched1024")
-            single = max(50, messages // 10)
-            rows += await _ingest_run(tmp, pg_url, single, 1, "single")
-            rows.extend(await _lookup_run(tmp, pg_url, lookup_rows, samples))
+            for n, size in enumerate(runs):
+                if size == "default":
+                    label, batch, count = "batched", None, messages
+                elif size == "1":  # one transaction and one set of round trips per fact
+                    label, batch, count = "single", 1, max(50, messages // 10)
+                else:  # e.g. 1024: fewer round trips and pull requests per fact
+                    label, batch, count = f"batched{size}", int(size), messages
+                label += f"_{n}" if runs.count(size) > 1 else ""
+                rows += await _ingest_run(tmp, pg_url, count, batch, label)
+            if lookup_rows > 0:
+                rows.extend(await _lookup_run(tmp, pg_url, lookup_rows, samples))
         finally:
             pg.cleanup()
     return rows

@@ -48,6 +48,9 @@ class StreamSpec:
     max_age_s: float = 7 * DAY_S
     max_bytes: int = -1
     duplicate_window_s: float = 20 * 60.0
+    allow_atomic: bool = False
+    """JetStream atomic batch publishing (nats-server 2.12+): the ledger's outbox publishes
+    STATUS in atomic batches, which the server stores with one sync per batch."""
 
 
 #: The streams of design.md. ``discard=new`` makes a full stream refuse a publish (the
@@ -56,7 +59,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec("MAIL", ("mail.>",)),
     StreamSpec("POSTAL", ("postal.>",)),
     StreamSpec("TRACK", ("track.>",)),
-    StreamSpec("STATUS", ("status.>",)),
+    StreamSpec("STATUS", ("status.>",), allow_atomic=True),
     StreamSpec("STATS", ("stats.>",), max_age_s=30 * DAY_S),
 )
 
@@ -139,6 +142,7 @@ async def provision(
                 discard=DiscardPolicy.NEW,
                 duplicate_window=spec.duplicate_window_s,
                 num_replicas=replicas,
+                allow_atomic=spec.allow_atomic or None,
             ),
         )
     for bucket, ttl in KV_BUCKETS.items():

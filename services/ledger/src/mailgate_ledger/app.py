@@ -10,7 +10,6 @@ import asyncio
 import asyncpg
 import structlog
 from mailgate_core.config import BaseSettings, ConfigError, Secret
-from mailgate_core.nats import PullWorker
 from mailgate_core.service import ServiceBase
 from prometheus_client import CollectorRegistry
 
@@ -23,6 +22,7 @@ from .metrics import LedgerMetrics
 from .migrations import migrate
 from .outbox import Outbox
 from .partitions import PartitionKeeper
+from .pull import LeanPullWorker
 from .webhooks import Resolver, system_resolver
 
 log = structlog.get_logger()
@@ -172,7 +172,7 @@ async def build(
     ingestor = Ingestor(pool, outbox, kv, metrics, partitions)
     for stream, durable, subject in CONSUMERS:
         service.workers.append(
-            PullWorker(
+            LeanPullWorker(
                 service.js,
                 stream,
                 durable,
@@ -181,6 +181,7 @@ async def build(
                 batch=settings.batch_size,
                 max_ack_pending=max(1000, settings.batch_size * 4),
                 sync_acks=False,  # idempotent: a lost ack is a harmless redelivery
+                nc=service.nc,
             )
         )
 

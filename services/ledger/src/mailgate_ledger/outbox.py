@@ -10,7 +10,10 @@ One STATUS message per status event (the consumers' wire format), but the publis
 batch are pipelined: sent back to back on the connection, their JetStream acks collected on
 one wildcard inbox subscription (``_AckPipeline``), so a batch costs one round trip and no
 task, timer or future-with-timeout per event (nats-py's ``js.publish`` creates all three).
-What bounds it then is JetStream's own rate of stores with ``sync_interval: always``.
+The publishes of a batch are written to the connection at once (``wire``), as JetStream
+atomic batches when there are several (``_AckPipeline.publish``): with ``sync_interval:
+always`` JetStream syncs once per message otherwise, and that rate of stores was what bounded
+STATUS publishing.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
+from mailgate_core.ids import new_ulid
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from . import wire
 from .metrics import LedgerMetrics
 
 log = structlog.get_logger()
@@ -60,6 +65,7 @@ def _campaign_of(payload: bytes) -> str:
 
 class _ApiError(msgspec.Struct):
     code: int = 0
+    err_code: int = 0
     description: str = ""
 
 
@@ -73,6 +79,34 @@ class _PubAck(msgspec.Struct):
 
 
 _pub_ack_decoder = msgspec.json.Decoder(_PubAck)
+
+#: Status events per JetStream atomic batch (the server accepts up to 1,000).
+ATOMIC_BATCH_MAX = 256
+#: JetStream's refusals of an atomic batch: one of its message ids is stored already (a
+#: republish: each message is then published alone, de-duplicated one by one), and atomic
+#: publishing not enabled on the stream (a server before 2.12, or STATUS not provisioned).
+_ERR_BATCH_DUPLICATE = 10201
+_ERR_ATOMIC_DISABLED = 10174
+
+
+_atomic_versions: dict[str, bool] = {}
+
+
+def _atomic_server(nc: NatsClient) -> bool:
+    """Whether the connected server takes atomic batches (nats-server 2.12+). An older one
+    ignores the batch headers: it would store each message alone and answer only the last,
+    so a refused message in the middle would go unnoticed."""
+    server = nc._current_server  # (nats-py's connected_server_version, without a regex per call)
+    text = (server.server_version if server is not None else None) or ""
+    known = _atomic_versions.get(text)
+    if known is None:
+        try:
+            version = nc.connected_server_version
+            known = (version.major, version.minor) >= (2, 12)
+        except ValueError:  # not a semantic version
+            known = False
+        _atomic_versions[text] = known
+    return known
 
 
 def _stored(msg: Msg | None) -> bool:
@@ -92,8 +126,9 @@ class _AckPipeline:
     ``window`` publishes await their ack at once (over all callers): JetStream stores them
     one by one, so more would only wait in its queue and run into the timeout."""
 
-    def __init__(self, nc: NatsClient, window: int = 512) -> None:
+    def __init__(self, nc: NatsClient, window: int = 512, *, atomic: bool = True) -> None:
         self._nc = nc
+        self._atomic = atomic
         self._window = asyncio.Semaphore(window)
         self._prefix = ""
         self._tokens = itertools.count()
@@ -115,15 +150,109 @@ class _AckPipeline:
         if future is not None and not future.done():
             future.set_result(msg)
 
+    async def _write(self, pending: list[tuple[OutboxRow, str]]) -> None:
+        """Send the publishes in one write (``wire``), or one by one through nats-py when a
+        subject or message id is not a plain token or the connection is not connected."""
+        if all(
+            wire.is_plain_token(r.subject) and wire.is_plain_token(r.msg_id) for r, _ in pending
+        ):
+            commands = [
+                wire.hpub_command(r.subject, reply, r.msg_id, r.payload) for r, reply in pending
+            ]
+            if await wire.send(self._nc, commands):
+                return
+        for row, reply in pending:
+            await self._nc.publish(
+                row.subject, row.payload, reply=reply, headers={"Nats-Msg-Id": row.msg_id}
+            )
+
     async def publish(self, rows: Sequence[OutboxRow], timeout_s: float) -> list[bool]:
-        """Publish ``rows``; for each, whether JetStream acknowledged it within the time."""
+        """Publish ``rows``; for each, whether JetStream acknowledged it within the time.
+
+        Several rows go as JetStream atomic batches (``ATOMIC_BATCH_MAX`` each): with
+        ``sync_interval: always`` the server then writes and syncs a batch once instead of
+        once per message (measured: about 8x the stored messages per second, a quarter of the
+        server's CPU). A batch is stored whole or not at all; one JetStream refuses (a
+        republish containing a stored message id) is published message by message."""
         if not self._prefix:
             await self._open()
+        plain = all(wire.is_plain_token(r.subject) and wire.is_plain_token(r.msg_id) for r in rows)
+        if not (self._atomic and plain and len(rows) > 1 and _atomic_server(self._nc)):
+            return await self._publish_each(rows, timeout_s)
+        results: list[bool] = []
+        for start in range(0, len(rows), ATOMIC_BATCH_MAX):
+            chunk = rows[start : start + ATOMIC_BATCH_MAX]
+            stored = await self._publish_atomic(chunk, timeout_s) if self._atomic else None
+            if stored is None:
+                results += await self._publish_each(chunk, timeout_s)
+            else:
+                results += [stored] * len(chunk)
+        return results
+
+    async def _publish_atomic(self, rows: Sequence[OutboxRow], timeout_s: float) -> bool | None:
+        """One atomic batch: True when stored, False when not known to be (no answer in
+        time, connection error), None when JetStream refused it (publish one by one)."""
+        await self._window.acquire()
+        token = str(next(self._tokens))
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(self._release)
+        self._waiting[token] = future
+        batch_id = new_ulid()
+        last = len(rows) - 1
+        commands = [
+            wire.batch_hpub_command(
+                row.subject,
+                self._prefix + token if i == last else "",
+                row.msg_id,
+                row.payload,
+                batch_id=batch_id,
+                sequence=i + 1,
+                commit=i == last,
+            )
+            for i, row in enumerate(rows)
+        ]
+        try:
+            if not await wire.send(self._nc, commands):
+                return None  # not connected: nats-py's publish decides (buffer or refuse)
+            await asyncio.wait([future], timeout=timeout_s)
+        except (nats.errors.Error, OSError) as exc:
+            log.warning("status publish failed", error=str(exc), count=len(rows))
+            return False
+        finally:
+            self._waiting.pop(token, None)
+            if not future.done():
+                future.cancel()
+        if future.cancelled():
+            return False  # the outbox loop republishes; a stored batch is then a duplicate
+        reply = future.result()
+        try:
+            ack = _pub_ack_decoder.decode(reply.data) if reply.data else None
+        except msgspec.DecodeError:
+            ack = None
+        if ack is not None and ack.error is None and ack.seq > 0:
+            return True
+        error = ack.error if ack is not None else None
+        if error is None or error.err_code != _ERR_BATCH_DUPLICATE:
+            log.warning(
+                "atomic status publish refused",
+                code=error.err_code if error else None,
+                description=error.description if error else "no answer",
+            )
+            if error is not None and error.err_code == _ERR_ATOMIC_DISABLED:
+                self._atomic = False  # this stream does not take atomic batches
+        return None
+
+    async def _publish_each(self, rows: Sequence[OutboxRow], timeout_s: float) -> list[bool]:
+        """One publish per row, pipelined (each with its own ack)."""
         loop = asyncio.get_running_loop()
         tokens: list[str] = []
         futures: list[asyncio.Future[Msg]] = []
+        unsent: list[tuple[OutboxRow, str]] = []  # (row, reply) not written yet
         try:
             for row in rows:
+                if unsent and self._window.locked():  # write what waits before blocking
+                    await self._write(unsent)
+                    unsent = []
                 await self._window.acquire()
                 token = str(next(self._tokens))
                 future: asyncio.Future[Msg] = loop.create_future()
@@ -131,12 +260,9 @@ class _AckPipeline:
                 self._waiting[token] = future
                 tokens.append(token)
                 futures.append(future)
-                await self._nc.publish(
-                    row.subject,
-                    row.payload,
-                    reply=self._prefix + token,
-                    headers={"Nats-Msg-Id": row.msg_id},
-                )
+                unsent.append((row, self._prefix + token))
+            if unsent:
+                await self._write(unsent)
             await asyncio.wait(futures, timeout=timeout_s)
         except (nats.errors.Error, OSError) as exc:  # the rest counts as not published
             log.warning("status publish failed", error=str(exc), count=len(rows))
