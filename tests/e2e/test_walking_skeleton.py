@@ -39,6 +39,29 @@ def _send(stack: Stack, username: str, password: str, msg: EmailMessage) -> tupl
         return smtp.data(msg.as_bytes())
 
 
+def _account(stack: Stack, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A tracked account sending from example.com, and an SMTP credential of it."""
+    account = stack.admin(
+        "POST",
+        "/v1/accounts",
+        {"name": name, "allowed_sender_domains": ["example.com"], "tracking": True},
+    )
+    cred = stack.admin("POST", f"/v1/accounts/{account['id']}/credentials", {"name": "ams"})
+    return account, cred
+
+
+def _campaign_message(external_id: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "News <news@example.com>"
+    msg["To"] = "ivan@example.org"
+    msg["Subject"] = "Скидки недели"
+    msg["X-AMS-Message-ID"] = external_id
+    msg["X-AMS-Campaign-ID"] = "73"
+    msg.set_content("Привет!")
+    msg.add_alternative("<html><body><p>Привет!</p></body></html>", subtype="html")
+    return msg
+
+
 def _get_json(url: str, token: str) -> Any:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
     with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback
@@ -65,15 +88,7 @@ async def test_one_message_travels_smtp_to_postal_to_a_signed_customer_webhook(
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        account = await asyncio.to_thread(
-            stack.admin,
-            "POST",
-            "/v1/accounts",
-            {"name": "acme", "allowed_sender_domains": ["example.com"], "tracking": True},
-        )
-        cred = await asyncio.to_thread(
-            stack.admin, "POST", f"/v1/accounts/{account['id']}/credentials", {"name": "ams"}
-        )
+        account, cred = await asyncio.to_thread(_account, stack, "acme")
         hook = await asyncio.to_thread(
             stack.admin,
             "POST",
@@ -83,14 +98,7 @@ async def test_one_message_travels_smtp_to_postal_to_a_signed_customer_webhook(
         )
         assert hook["url"].endswith("/hooks/mailgate") and hook["secret"].startswith("whsec_")
 
-        msg = EmailMessage()
-        msg["From"] = "News <news@example.com>"
-        msg["To"] = "ivan@example.org"
-        msg["Subject"] = "Скидки недели"
-        msg["X-AMS-Message-ID"] = "ams-42"
-        msg["X-AMS-Campaign-ID"] = "73"
-        msg.set_content("Привет!")
-        msg.add_alternative("<html><body><p>Привет!</p></body></html>", subtype="html")
+        msg = _campaign_message("ams-42")
         code, reply = await asyncio.to_thread(_send, stack, cred["username"], cred["password"], msg)
         assert code == 250, reply
 
@@ -173,7 +181,23 @@ def test_every_service_exposes_metrics_health_and_readiness(stack: Stack) -> Non
         assert "mailgate_" in text, service
 
 
-def test_the_mailgate_cli_reads_the_ledger_and_reports_errors(stack: Stack) -> None:
+async def test_the_mailgate_cli_reads_the_ledger_and_reports_errors(stack: Stack) -> None:
+    _, cred = await asyncio.to_thread(_account, stack, "cli")
+    msg = _campaign_message("ams-cli-1")
+    code, reply = await asyncio.to_thread(_send, stack, cred["username"], cred["password"], msg)
+    assert code == 250, reply
+
+    def recorded() -> list[Any]:
+        page = _get_json(
+            f"{stack.url('ledger')}/v1/messages?external_id=ams-cli-1", stack.admin_token
+        )
+        return list(page["items"])
+
+    await eventually(lambda: asyncio.to_thread(recorded), timeout=30, what="message in ledger")
+    await asyncio.to_thread(_run_cli, stack)
+
+
+def _run_cli(stack: Stack) -> None:
     env = {
         **os.environ,
         "MAILGATE_ADMIN_URL": stack.url("ledger"),
@@ -181,7 +205,7 @@ def test_the_mailgate_cli_reads_the_ledger_and_reports_errors(stack: Stack) -> N
     }
     cli = [sys.executable, "-m", "mailgate_cli"]
     found = subprocess.run(
-        [*cli, "messages", "find", "--external-id", "ams-42"],
+        [*cli, "messages", "find", "--external-id", "ams-cli-1"],
         env=env,
         capture_output=True,
         text=True,
@@ -189,7 +213,7 @@ def test_the_mailgate_cli_reads_the_ledger_and_reports_errors(stack: Stack) -> N
         check=False,
     )
     assert found.returncode == 0, found.stderr
-    assert json.loads(found.stdout)["items"][0]["external_id"] == "ams-42"
+    assert json.loads(found.stdout)["items"][0]["external_id"] == "ams-cli-1"
     denied = subprocess.run(
         [*cli, "accounts", "list"],
         env={**env, "ADMIN_TOKEN": "wrong"},
