@@ -159,7 +159,14 @@ class Postfix:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.terminate()  # master stops its children on SIGTERM
+        # ``start-fg`` leaves the master as a child of postfix-script, which SIGTERM alone
+        # would orphan (a master left running after the bench): ``postfix stop`` reaches
+        # the master through its pid file, and it stops its children.
+        postfix = shutil.which("postfix") or "/usr/sbin/postfix"
+        subprocess.run(  # noqa: S603
+            [postfix, "-c", str(self.dir), "stop"], capture_output=True, check=False, timeout=30
+        )
+        self.proc.terminate()
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
