@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from mailgate_core.ids import is_ulid, new_ulid, ulid_time_ms
 from mailgate_tracker.audience import (
     ClickHistory,
     Rules,
     Verdict,
+    accepted_age_s,
     classify_click,
     classify_open,
     parse_networks,
@@ -93,6 +96,19 @@ def test_a_click_seconds_after_acceptance_is_a_scanner() -> None:
     assert click(mid=FRESH_MID, rules=Rules(early_click_s=4)) == Verdict("human")
     assert click(mid="AMS-7") == Verdict("human")  # not a ULID: no acceptance time known
     assert click(mid=None) == Verdict("human")
+
+
+_ULID_LIKE = st.text(
+    alphabet="0123456789ABCDEFGHJKMNPQRSTVWXYZabcdefghjkmnpqrstvwxyzILOUilou!\u017f\u0131\xe9 ",
+    min_size=24,
+    max_size=28,
+)
+
+
+@given(st.one_of(_ULID_LIKE, st.builds(new_ulid)))
+def test_the_acceptance_time_is_read_from_any_ulid_and_only_from_ulids(mid: str) -> None:
+    expected = NOW - ulid_time_ms(mid) / 1000.0 if is_ulid(mid) else None
+    assert accepted_age_s(mid, NOW) == expected
 
 
 def test_other_links_clicked_in_the_burst_window_make_a_scanner() -> None:

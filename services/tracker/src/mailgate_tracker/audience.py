@@ -100,6 +100,13 @@ class Verdict:
 
 
 HUMAN = Verdict("human")
+NO_USER_AGENT = Verdict("unknown", "no_user_agent")
+HEAD_REQUEST = Verdict("scanner", "head_request")
+SCANNER_NETWORK = Verdict("scanner", "scanner_network")
+PROXY_NETWORK = Verdict("scanner", "proxy_network")
+APPLE_MPP = Verdict("prefetch", "apple_mpp")
+EARLY_CLICK = Verdict("scanner", "early_click")
+CLICK_BURST = Verdict("scanner", "click_burst")
 
 
 def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -191,7 +198,7 @@ def _agent_verdict(rules: Rules, agent: str, *, click: bool) -> Verdict | None:
             # A proxy that follows a link is checking it, not opening the message.
             return Verdict("scanner", reason) if click else Verdict("prefetch", reason)
     if agent == APPLE_MPP_AGENT:
-        return Verdict("scanner", "bare_user_agent") if click else Verdict("prefetch", "apple_mpp")
+        return Verdict("scanner", "bare_user_agent") if click else APPLE_MPP
     if rules._bot_re.search(agent):
         return Verdict("scanner", "bot_user_agent")
     return None
@@ -201,16 +208,16 @@ def _common(
     rules: Rules, method: str, user_agent: str | None, ip: str | None, *, click: bool
 ) -> Verdict | None:
     if method == "HEAD":
-        return Verdict("scanner", "head_request")
+        return HEAD_REQUEST
     in_scanner_network, in_prefetch_network = rules.networks_of(ip)
     if in_scanner_network:
-        return Verdict("scanner", "scanner_network")
+        return SCANNER_NETWORK
     agent = (user_agent or "").strip().lower()
     by_agent = rules.agent_verdict(agent, click=click) if agent else None
     if by_agent is not None:
         return by_agent
     if in_prefetch_network:
-        return Verdict("scanner", "proxy_network") if click else Verdict("prefetch", "apple_mpp")
+        return PROXY_NETWORK if click else APPLE_MPP
     return None
 
 
@@ -219,13 +226,17 @@ def classify_open(rules: Rules, method: str, user_agent: str | None, ip: str | N
     verdict = _common(rules, method.upper(), user_agent, ip, click=False)
     if verdict is not None:
         return verdict
-    return HUMAN if (user_agent or "").strip() else Verdict("unknown", "no_user_agent")
+    return HUMAN if (user_agent or "").strip() else NO_USER_AGENT
 
 
-#: A canonical (upper-case) ULID, and its Crockford digits as ``int(..., 32)`` reads them.
-_CANONICAL_ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
-_CROCKFORD_TO_BASE32 = bytes.maketrans(
-    b"0123456789ABCDEFGHJKMNPQRSTVWXYZ", b"0123456789abcdefghijklmnopqrstuv"
+_CROCKFORD_UPPER = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+#: The bytes of a canonical (upper-case) ULID's Crockford digits as ``int(..., 32)`` reads
+#: them; every other byte becomes ``!``, which no canonical ULID contains.
+_CANONICAL_TO_BASE32 = bytes(
+    b"0123456789abcdefghijklmnopqrstuv"[_CROCKFORD_UPPER.find(i)]
+    if i in _CROCKFORD_UPPER
+    else ord("!")
+    for i in range(256)
 )
 
 
@@ -233,9 +244,11 @@ def accepted_age_s(mailgate_id: str | None, now_s: float) -> float | None:
     """Seconds since the message was accepted (its ULID's time), when the id is a ULID."""
     if not mailgate_id:
         return None
-    if _CANONICAL_ULID.fullmatch(mailgate_id):  # what tokens carry: the C-speed path
-        ms = int(mailgate_id[:10].encode().translate(_CROCKFORD_TO_BASE32), 32)
-        return now_s - ms / 1000.0
+    if len(mailgate_id) == 26 and mailgate_id.isascii():
+        # What tokens carry (a canonical ULID): one translate, no regex, no Python loop.
+        digits = mailgate_id.encode().translate(_CANONICAL_TO_BASE32)
+        if b"!" not in digits:
+            return now_s - int(digits[:10], 32) / 1000.0
     if not is_ulid(mailgate_id):
         return None
     return now_s - ulid_time_ms(mailgate_id) / 1000.0
@@ -256,12 +269,13 @@ def classify_click(
     verdict = _common(rules, method.upper(), user_agent, ip, click=True)
     if verdict is not None:
         return verdict
-    age = accepted_age_s(mailgate_id, now_s)
-    if rules.early_click_s > 0 and age is not None and age < rules.early_click_s:
-        return Verdict("scanner", "early_click")
+    if rules.early_click_s > 0:
+        age = accepted_age_s(mailgate_id, now_s)
+        if age is not None and age < rules.early_click_s:
+            return EARLY_CLICK
     if other_links_clicked > 0:
-        return Verdict("scanner", "click_burst")
-    return HUMAN if (user_agent or "").strip() else Verdict("unknown", "no_user_agent")
+        return CLICK_BURST
+    return HUMAN if (user_agent or "").strip() else NO_USER_AGENT
 
 
 class ClickHistory:
