@@ -295,20 +295,24 @@ class PullWorker:
     _room: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _in_flight: int = field(default=0, init=False)
 
+    def consumer_config(self) -> ConsumerConfig:
+        """The durable consumer this worker creates (or binds to)."""
+        return ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait_s,
+            max_ack_pending=self.max_ack_pending,
+            max_deliver=self.max_deliver,
+            filter_subject=self.filter_subject,
+        )
+
     async def start(self) -> None:
         self._sub = await self.js.pull_subscribe(
             self.filter_subject,
             durable=self.durable,
             stream=self.stream,
-            config=ConsumerConfig(
-                durable_name=self.durable,
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=self.ack_wait_s,
-                max_ack_pending=self.max_ack_pending,
-                max_deliver=self.max_deliver,
-                filter_subject=self.filter_subject,
-            ),
+            config=self.consumer_config(),
         )
         self._task = asyncio.create_task(self._run(), name=f"pull:{self.durable}")
 

@@ -36,7 +36,6 @@ import structlog
 from mailgate_core.nats import Ack, Nak, Outcome, PullWorker, backoff_delay, delivery_count
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from . import wire
 
@@ -70,17 +69,6 @@ class LeanPullWorker(PullWorker):
     _received: int = field(default=0, init=False)
     _status: str = field(default="", init=False)
     _answered: asyncio.Event = field(default_factory=asyncio.Event, init=False)
-
-    def consumer_config(self) -> ConsumerConfig:
-        return ConsumerConfig(
-            durable_name=self.durable,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=self.ack_wait_s,
-            max_ack_pending=self.max_ack_pending,
-            max_deliver=self.max_deliver,
-            filter_subject=self.filter_subject,
-        )
 
     async def start(self) -> None:
         if self.nc is None:
