@@ -217,6 +217,11 @@ async def test_a_final_webhook_spares_the_lookup(harness: Harness) -> None:
         return any(e.event_id.startswith(f"rec-{without.message.mailgate_id}") for e in events)
 
     await eventually(reconciled, timeout=15, what="the other message reconciled")
+    # The pass publishes the recovered event before it counts its outcomes.
+    await eventually(
+        lambda: replica.metric("mailgate_postal_reconcile_checks_total", outcome="final") >= 1,
+        what="the pass's outcomes counted",
+    )
     assert replica.metric("mailgate_postal_reconcile_checks_total", outcome="final") == 1
     assert replica.metric("mailgate_postal_finalized_total") >= 1
     rec_ids = [e.event_id for e in await harness.postal_events() if e.event_id.startswith("rec-")]
