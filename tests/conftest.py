@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 from mailgate_core.nats import provision
-from mailgate_fakes.infra import NatsServer, Postgres
+from mailgate_fakes.infra import NatsServer, Postgres, free_port
 
 
 @pytest.fixture
@@ -68,3 +69,33 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
 def database_url(postgres: Postgres) -> str:
     """A fresh, empty database for this test."""
     return postgres.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+async def start_tracker(nats_url: str) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """Start tracker services on free loopback ports (settings as keyword overrides); every one
+    still running is stopped after the test. Shared here so the integration and security tests
+    see the same factory."""
+    from mailgate_tracker.app import Settings, TrackerService, build
+    from prometheus_client import CollectorRegistry
+
+    started: list[TrackerService] = []
+
+    async def start(**overrides: Any) -> TrackerService:
+        values: dict[str, Any] = {
+            "nats_url": nats_url,
+            "tracker_host": "127.0.0.1",
+            "tracker_port": free_port(),
+            "publish_timeout_s": 0.5,
+            "tracker_flush_timeout_s": 5.0,
+        }
+        values.update(overrides)
+        service = await build(Settings(**values), registry=CollectorRegistry())
+        await service.start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        if not service.health.draining:
+            await service.stop()

@@ -19,11 +19,9 @@ from mailgate_core.schemas import (
     encode,
 )
 from mailgate_core.tracking import TokenSigner
-from mailgate_fakes.infra import free_port
 from mailgate_fakes.testing import eventually
-from mailgate_tracker.app import Settings, TrackerService, build
+from mailgate_tracker.app import TrackerService
 from mailgate_tracker.pages import PIXEL_GIF
-from prometheus_client import CollectorRegistry
 
 SECRET = "tracker-test-secret-0123456789"
 MID = new_ulid(int((time.time() - 3600) * 1000))  # accepted an hour ago
@@ -35,30 +33,16 @@ MakeTracker = Callable[..., Awaitable[TrackerService]]
 
 
 @pytest.fixture
-async def make_tracker(nats_url: str) -> AsyncIterator[MakeTracker]:
-    started: list[TrackerService] = []
-
+def make_tracker(start_tracker: MakeTracker) -> MakeTracker:
     async def make(**overrides: Any) -> TrackerService:
-        values: dict[str, Any] = {
-            "nats_url": nats_url,
-            "tracker_host": "127.0.0.1",
-            "tracker_port": free_port(),
+        defaults: dict[str, Any] = {
             "tracking_secret": f"{SECRET},older-secret",
             "tracking_legacy_hosts": ["shop.example.com"],
-            "publish_timeout_s": 0.5,
             "tracker_unsubscribe_wait_s": 0.5,
-            "tracker_flush_timeout_s": 5.0,
         }
-        values.update(overrides)
-        service = await build(Settings(**values), registry=CollectorRegistry())
-        await service.start()
-        started.append(service)
-        return service
+        return await start_tracker(**(defaults | overrides))
 
-    yield make
-    for service in started:
-        if not service.health.draining:
-            await service.stop()
+    return make
 
 
 @pytest.fixture

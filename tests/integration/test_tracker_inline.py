@@ -7,18 +7,16 @@ import asyncio
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from mailgate_core.ids import new_ulid
 from mailgate_core.schemas import TrackBatch, decode
 from mailgate_core.tracking import TokenSigner
-from mailgate_fakes.infra import free_port
 from mailgate_fakes.testing import eventually
-from mailgate_tracker.app import Settings, TrackerService, build
+from mailgate_tracker.app import TrackerService
 from mailgate_tracker.pages import PIXEL_GIF
-from prometheus_client import CollectorRegistry
 
 SECRET = "tracker-inline-secret-0123456789"
 MID = new_ulid(int((time.time() - 3600) * 1000))
@@ -35,29 +33,12 @@ MakeTracker = Callable[..., Awaitable[TrackerService]]
 
 
 @pytest.fixture
-async def make_tracker(nats_url: str) -> AsyncIterator[MakeTracker]:
-    started: list[TrackerService] = []
-
+def make_tracker(start_tracker: MakeTracker) -> MakeTracker:
     async def make(**overrides: Any) -> TrackerService:
-        values: dict[str, Any] = {
-            "nats_url": nats_url,
-            "tracker_host": "127.0.0.1",
-            "tracker_port": free_port(),
-            "tracking_secret": SECRET,
-            "publish_timeout_s": 0.5,
-            "tracker_flush_timeout_s": 5.0,
-            "tracker_early_click_s": 0.0,
-        }
-        values.update(overrides)
-        service = await build(Settings(**values), registry=CollectorRegistry())
-        await service.start()
-        started.append(service)
-        return service
+        defaults: dict[str, Any] = {"tracking_secret": SECRET, "tracker_early_click_s": 0.0}
+        return await start_tracker(**(defaults | overrides))
 
-    yield make
-    for service in started:
-        if not service.health.draining:
-            await service.stop()
+    return make
 
 
 def port_of(service: TrackerService) -> int:
