@@ -30,18 +30,44 @@ from mailgate_fakes.infra import NatsServer, free_port, wait_for_port
 from mailgate_fakes.postal import generate_private_key, public_key_b64, signature_headers
 from nats.aio.msg import Msg
 
-from common import CpuMeter, Options, Row, percentile, stop
+from common import CpuMeter, Options, Row, percentile, spawn, stop
 
 KEY = "B" * 24
 DOMAIN = "bench.example"
 
 
-def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(  # noqa: S603 - our own interpreter and modules
-        [sys.executable, *args],
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def _spawn(
+    args: list[str], env: dict[str, str] | None = None, *, profile: str = ""
+) -> subprocess.Popen[bytes]:
+    """One of our processes; with ``BENCH_PROFILE`` and a ``profile`` name, py-spy records it."""
+    return spawn([sys.executable, *args], env, profile=profile)
+
+
+def _counters(pid: int) -> tuple[float, float, int, int]:
+    """user s, system s, read syscalls, write syscalls of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    io = dict(
+        line.split(": ", 1) for line in Path(f"/proc/{pid}/io").read_text().splitlines() if line
+    )
+    return (
+        int(fields[11]) / ticks,
+        int(fields[12]) / ticks,
+        int(io.get("syscr", 0)),
+        int(io.get("syscw", 0)),
+    )
+
+
+def _breakdown(before: tuple[float, float, int, int], pid: int, count: int) -> str:
+    """Where the CPU went per message: user/system ms and read/write syscalls."""
+    try:
+        after = _counters(pid)
+    except (OSError, ValueError):
+        return ""
+    user, system, reads, writes = (a - b for a, b in zip(after, before, strict=True))
+    return (
+        f"; per msg user {user / count * 1000:.2f} ms, sys {system / count * 1000:.2f} ms,"
+        f" {reads / count:.1f} reads, {writes / count:.1f} writes"
     )
 
 
@@ -114,6 +140,7 @@ async def _submissions(nats_url: str, tmp: Path, count: int, in_flight: int) -> 
                 "POSTAL_MAX_IN_FLIGHT": str(in_flight),
                 "RECONCILE_ENABLED": "false",
             },
+            profile=f"postal-sender-{in_flight}",
         )
         await _ready(f"http://127.0.0.1:{ops_port}/readyz", sender)
         body = (b"x" * 76 + b"\r\n") * 26  # ~2 KB
@@ -144,6 +171,7 @@ async def _submissions(nats_url: str, tmp: Path, count: int, in_flight: int) -> 
         sub = await nc.subscribe("mail.submitted", cb=on_submitted)
         cpu = CpuMeter([sender.pid])
         cpu.start()
+        counters = _counters(sender.pid)
         t0 = time.perf_counter()
         await asyncio.gather(*(publisher() for _ in range(20)))
         while True:
@@ -153,6 +181,7 @@ async def _submissions(nats_url: str, tmp: Path, count: int, in_flight: int) -> 
             await asyncio.sleep(0.02)
         elapsed = time.perf_counter() - t0
         cpu_s = cpu.stop()
+        breakdown = _breakdown(counters, sender.pid, count)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_seen.wait(), timeout=10)
         await sub.unsubscribe()
@@ -165,7 +194,7 @@ async def _submissions(nats_url: str, tmp: Path, count: int, in_flight: int) -> 
             p50_ms=percentile(latencies, 0.5) * 1000,
             p99_ms=percentile(latencies, 0.99) * 1000,
             cpu_s_per_1k=cpu_s / count * 1000,
-            note=f"{count} msgs, 2 KB, latency accepted->submitted",
+            note=f"{count} msgs, 2 KB, latency accepted->submitted{breakdown}",
         )
     finally:
         await nc.close()

@@ -25,6 +25,7 @@ from mailgate_core.service import ServiceBase
 from prometheus_client import CollectorRegistry
 
 from .client import PostalClient, new_session
+from .jetstream import JetStreamRequests
 from .leader import LeaderLock
 from .limits import Circuit
 from .metrics import Metrics
@@ -53,8 +54,10 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     postal_api_key: Secret = Secret("")
     postal_timeout_s: float = 10.0
     send_concurrency: int = 32
-    """Messages handled at once per replica (split over SEND_FETCHERS pull batches)."""
-    send_fetchers: int = 4
+    """Messages handled at once per replica (shared by SEND_FETCHERS pull loops)."""
+    send_fetchers: int = 1
+    """Pull loops on the one durable. Each refills its slots as messages finish (no batch
+    waits for its slowest message), so one is enough; more only add pull requests."""
     postal_max_in_flight: int = 16
     """Requests in flight per Postal server (API key) per replica."""
     postal_rate_per_s: float = 0.0
@@ -124,12 +127,15 @@ def final_keep_s(settings: Settings) -> float:
 class PostalSenderService(ServiceBase):
     http: aiohttp.ClientSession | None = None
     reconciler: Reconciler | None = None
+    requests: JetStreamRequests | None = None
 
     async def stop(self) -> None:
         # No HTTP intake here: stop both consumers at once (each waits out its fetch), they
         # settle their in-flight sends; then the base class drains NATS.
         self.health.draining = True
         await asyncio.gather(*(worker.stop() for worker in self.workers))
+        if self.requests is not None:
+            await self.requests.stop()
         await super().stop()
         if self.http is not None:
             await self.http.close()
@@ -166,11 +172,17 @@ async def build(
         Secret(settings.postal_api_key).reveal(),
         cache_s=settings.account_cache_s,
     )
+    # The sender's own KV reads/writes and publishes take the lean path (jetstream.py); the
+    # reconciler and the final-marker consumer keep nats-py's (a few per minute).
+    assert service.nc is not None
+    requests = JetStreamRequests(service.nc, timeout_s=10.0)
+    await requests.start()
+    service.requests = requests
     sender = Sender(
         js=js,
         client=client,
-        submissions=await js.key_value(KV_SUBMISSIONS),
-        pending=pending,
+        submissions=requests.key_value(KV_SUBMISSIONS, await js.key_value(KV_SUBMISSIONS)),
+        pending=requests.key_value(KV_PENDING, pending),
         blobs=await js.object_store(OBJECT_STORE_MAIL),
         api_keys=api_keys,
         retry_deadline_s=settings.retry_deadline_s,
@@ -178,11 +190,14 @@ async def build(
         metrics=metrics,
         final_keep_s=final_keep_s(settings),
         crash_after_submit=settings.mailgate_test_crash_after_submit,
+        requests=requests,
     )
-    # Several fetchers on the one durable: while one batch waits for its slowest message
-    # (Postal, fsync'd KV writes), the others keep Postal busy.
-    handle = per_message(sender.handle, settings.send_concurrency)
+    # Per-message mode: each message is settled as soon as it is handled and a slot is
+    # refilled without waiting for the rest of its batch (no head-of-line blocking, and one
+    # task per message instead of a handler task and a settle task). Several fetchers on the
+    # one durable share SEND_CONCURRENCY.
     fetchers = max(1, min(settings.send_fetchers, settings.send_concurrency))
+    per_fetcher = -(-settings.send_concurrency // fetchers)
     for _ in range(fetchers):
         service.workers.append(
             PullWorker(
@@ -190,8 +205,10 @@ async def build(
                 stream="MAIL",
                 durable=DURABLE,
                 filter_subject=FILTER_SUBJECT,
-                handle_batch=handle,
-                batch=-(-settings.send_concurrency // fetchers),
+                handle_batch=per_message(sender.handle, per_fetcher),  # unused: handler=
+                handler=sender.handle,
+                concurrency=per_fetcher,
+                batch=per_fetcher,
                 ack_wait_s=ack_wait_s(settings),
                 settle_concurrency=settings.send_concurrency,
                 # Acks go out without waiting for the server's confirmation: each is sent

@@ -105,6 +105,8 @@ class PostalClient:
         self._rate_per_s = rate_per_s
         self._gates: dict[str, _ServerGate] = {}
         self.circuit = circuit or Circuit(failure_threshold=5, open_s=5.0)
+        self._circuit_shown = False
+        """The circuit state last written to the gauge (it only changes on a transition)."""
 
     @property
     def postal_alive(self) -> bool:
@@ -157,10 +159,12 @@ class PostalClient:
         finally:
             self._metrics.in_flight.dec()
         duration = time.monotonic() - started
-        self._metrics.duration.labels(endpoint).observe(duration)
+        self._metrics.request_duration(endpoint).observe(duration)
         # Postal itself always answers 200; anything else means it (or its proxy) is unwell.
         self.circuit.record(isinstance(result, Answered) and result.status == 200)
-        self._metrics.circuit_open.set(1 if self.circuit.is_open else 0)
+        if self.circuit.is_open != self._circuit_shown:
+            self._circuit_shown = self.circuit.is_open
+            self._metrics.circuit_open.set(1 if self._circuit_shown else 0)
         return result, duration
 
     async def send_raw(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry):
+        self._outcomes: dict[str, Any] = {}
+        self._durations: dict[str, Any] = {}
         self.requests = Counter(
             "mailgate_postal_requests_total",
             "Postal send/raw requests by outcome",
@@ -88,3 +92,17 @@ class Metrics:
             "Submissions marked final from postal.* events",
             registry=registry,
         )
+
+    def request_outcome(self, outcome: str) -> Any:
+        """``requests.labels(outcome)``, looked up once per outcome (a handful)."""
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self.requests.labels(outcome)
+        return child
+
+    def request_duration(self, endpoint: str) -> Any:
+        """``duration.labels(endpoint)``, looked up once per endpoint."""
+        child = self._durations.get(endpoint)
+        if child is None:
+            child = self._durations[endpoint] = self.duration.labels(endpoint)
+        return child
