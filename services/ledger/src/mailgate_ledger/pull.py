@@ -13,7 +13,9 @@ delivered after a request was given up (a reconnect) are kept for the next fetch
 request's reply subject carries its own token, so a late status of an earlier request
 does not end the current one.
 
-A batch is settled after its handler returned (after the commit), as ``PullWorker`` does,
+Up to ``batches_in_flight`` batches are handled at once (the ledger's handlers declare two:
+the next batch is fetched and started while the one ahead waits for Postgres); a batch is
+settled after its handler returned (after the commit), as ``PullWorker`` does,
 but its acks go out as one write (``wire.send``: one ``PUB <ack reply> 0`` per message, not
 one nats-py ``publish`` each); naks and terms are sent one by one. The graceful stop and the
 consumer's configuration are ``PullWorker``'s; messages fetched but not handed out when the
@@ -60,6 +62,11 @@ class LeanPullWorker(PullWorker):
     """``PullWorker`` fetching through one callback subscription (see the module doc)."""
 
     nc: NatsClient | None = None
+    batches_in_flight: int | None = None
+    """Batches handled at once: the next batch is fetched and handled while the one ahead
+    waits (for Postgres: round trips, its commit's flush). ``None``: what the handler
+    declares in its ``batches_in_flight`` attribute (the ledger's ``CONCURRENT_BATCHES``:
+    its batches keep their stream's order themselves), else one."""
     _inbox: str = field(default="", init=False)
     _next_subject: str = field(default="", init=False)
     _tokens: itertools.count[int] = field(default_factory=itertools.count, init=False)
@@ -130,27 +137,53 @@ class LeanPullWorker(PullWorker):
             await asyncio.sleep(0.5)
         return self._take(size)
 
+    def in_flight(self) -> int:
+        """Batches this worker handles at once."""
+        if self.batches_in_flight is not None:
+            return max(1, self.batches_in_flight)
+        declared = getattr(self.handle_batch, "batches_in_flight", 1)
+        return max(1, declared) if isinstance(declared, int) else 1
+
     async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                msgs = await self._pull(self.batch)
-            except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+        slots = asyncio.Semaphore(self.in_flight())
+        handling: set[asyncio.Task[None]] = set()
+        try:
+            while not self._stopping.is_set():
+                await slots.acquire()
                 if self._stopping.is_set():
-                    return
+                    slots.release()
+                    break
+                msgs = await self._fetch()
+                if not msgs:
+                    slots.release()
+                    continue
+                # Started now: batches begin in the order they were fetched.
+                task = asyncio.create_task(self._handle(msgs))
+                handling.add(task)
+                task.add_done_callback(handling.discard)
+                task.add_done_callback(lambda _: slots.release())
+        finally:
+            if handling:  # the graceful stop: the batches in hand are handled and settled
+                await asyncio.gather(*handling, return_exceptions=True)
+
+    async def _fetch(self) -> list[Msg]:
+        try:
+            return await self._pull(self.batch)
+        except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
+            if not self._stopping.is_set():
                 await asyncio.sleep(0.5)
-                continue
-            except Exception as exc:  # reconnecting, ...
-                log.warning("fetch failed", durable=self.durable, error=str(exc))
-                await asyncio.sleep(0.5)
-                continue
-            if not msgs:
-                continue
-            try:
-                outcomes: Sequence[Outcome] = await self.handle_batch(msgs)
-            except Exception:
-                log.exception("batch handler crashed", durable=self.durable, size=len(msgs))
-                outcomes = [Nak(backoff_delay(delivery_count(m))) for m in msgs]
-            await self._settle(msgs, outcomes)
+        except Exception as exc:  # reconnecting, ...
+            log.warning("fetch failed", durable=self.durable, error=str(exc))
+            await asyncio.sleep(0.5)
+        return []
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        try:
+            outcomes: Sequence[Outcome] = await self.handle_batch(msgs)
+        except Exception:
+            log.exception("batch handler crashed", durable=self.durable, size=len(msgs))
+            outcomes = [Nak(backoff_delay(delivery_count(m))) for m in msgs]
+        await self._settle(msgs, outcomes)
 
     async def _settle(self, msgs: Sequence[Msg], outcomes: Sequence[Outcome]) -> None:
         """Acks in one write; naks and terms one by one. A settle that does not reach the
