@@ -7,6 +7,11 @@ freed space is kept (and fragments between worker threads' arenas), so the proce
 resident memory grows by several message sizes. Setting the threshold explicitly turns
 that adjustment off: a 10 MB message's buffers are mapped and unmapped again, and peak RSS
 stays near what the message really needs (bench_smtp's 10 MB row).
+
+The threshold sits above the 256 KiB buffers of the TLS layer: uvloop's SSLProtocol allocates
+one per connection and ``SSLObject.read(256 KiB)`` one per TLS record received (then shrinks
+it). At exactly 256 KiB each of those was an mmap, an mremap and a munmap with their page
+faults, about a dozen per STARTTLS connection: a third of a millisecond of system time.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import ctypes.util
 
 #: glibc's mallopt parameter number for the mmap threshold.
 _M_MMAP_THRESHOLD = -3
-#: Buffers from this size on are mapped: message data (a readuntil piece is up to 256 KiB),
-#: never the small objects of a 2 KB message.
-MMAP_THRESHOLD_BYTES = 256 * 1024
+#: Buffers from this size on are mapped: a large message's data, never the small objects of a
+#: 2 KB message nor the TLS layer's 256 KiB read buffers (TLS_READ_BUFFER_BYTES).
+MMAP_THRESHOLD_BYTES = 512 * 1024
+#: What uvloop (SSL_READ_MAX_SIZE) and asyncio's sslproto ask ``SSLObject.read`` for.
+TLS_READ_BUFFER_BYTES = 256 * 1024
 
 
 def release_large_buffers_promptly(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
