@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -117,6 +118,21 @@ def _ready(ops_port: int) -> bool:
         return False
 
 
+def _free_port_pair(avoid: int) -> int:
+    """A free port whose successor is free too: worker 2 serves its ops routes on OPS_PORT + 1
+    (a port only checked by its own bind was sometimes already taken on a busy machine)."""
+    while True:
+        port = free_port()
+        if avoid in (port, port + 1):
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -127,9 +143,8 @@ def _children(pid: int) -> list[int]:
 async def test_two_workers_share_the_port_and_both_drain_on_sigterm(
     nats_url: str, creds: Creds, js, tmp_path: Path
 ) -> None:
-    smtp_port, ops_port = free_port(), free_port()
-    while ops_port + 1 == smtp_port:
-        ops_port = free_port()
+    smtp_port = free_port()
+    ops_port = _free_port_pair(avoid=smtp_port)
     env = {
         "NATS_URL": nats_url,
         "DOMAIN": DOMAIN,
