@@ -140,6 +140,12 @@ class Rules:
     )
     """User agents repeat (a few clients send most requests): their verdicts are memoised."""
     _ip_memo: dict[str, tuple[bool, bool]] = field(default_factory=dict, compare=False, repr=False)
+    _open_agents: dict[str | None, tuple[Verdict | None, bool]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    _click_agents: dict[str | None, tuple[Verdict | None, bool]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @cached_property
     def _scanner_re(self) -> re.Pattern[str]:
@@ -161,6 +167,21 @@ class Rules:
             self._memo.clear()
         self._memo[key] = verdict
         return verdict
+
+    def header_verdict(self, user_agent: str | None, *, click: bool) -> tuple[Verdict | None, bool]:
+        """(``agent_verdict`` of the header as sent, whether it has any text), remembered per
+        header value: the strip and lower-casing are not redone for a known client."""
+        memo = self._click_agents if click else self._open_agents
+        try:
+            return memo[user_agent]
+        except KeyError:
+            pass
+        agent = (user_agent or "").strip().lower()
+        found = (self.agent_verdict(agent, click=click) if agent else None), bool(agent)
+        if len(memo) >= MEMO_SIZE:
+            memo.clear()
+        memo[user_agent] = found
+        return found
 
     def networks_of(self, ip: str | None) -> tuple[bool, bool]:
         """(in a scanner network, in a prefetch network) for a client address."""
@@ -206,27 +227,28 @@ def _agent_verdict(rules: Rules, agent: str, *, click: bool) -> Verdict | None:
 
 def _common(
     rules: Rules, method: str, user_agent: str | None, ip: str | None, *, click: bool
-) -> Verdict | None:
-    if method == "HEAD":
-        return HEAD_REQUEST
+) -> tuple[Verdict | None, bool]:
+    """(the verdict of the rules every request shares or ``None``, whether the user agent
+    has any text)."""
+    if method != "GET" and method.upper() == "HEAD":
+        return HEAD_REQUEST, True
     in_scanner_network, in_prefetch_network = rules.networks_of(ip)
     if in_scanner_network:
-        return SCANNER_NETWORK
-    agent = (user_agent or "").strip().lower()
-    by_agent = rules.agent_verdict(agent, click=click) if agent else None
+        return SCANNER_NETWORK, True
+    by_agent, has_agent = rules.header_verdict(user_agent, click=click)
     if by_agent is not None:
-        return by_agent
+        return by_agent, True
     if in_prefetch_network:
-        return PROXY_NETWORK if click else APPLE_MPP
-    return None
+        return (PROXY_NETWORK if click else APPLE_MPP), True
+    return None, has_agent
 
 
 def classify_open(rules: Rules, method: str, user_agent: str | None, ip: str | None) -> Verdict:
     """The audience of a pixel fetch."""
-    verdict = _common(rules, method.upper(), user_agent, ip, click=False)
+    verdict, has_agent = _common(rules, method, user_agent, ip, click=False)
     if verdict is not None:
         return verdict
-    return HUMAN if (user_agent or "").strip() else NO_USER_AGENT
+    return HUMAN if has_agent else NO_USER_AGENT
 
 
 _CROCKFORD_UPPER = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -266,7 +288,7 @@ def classify_click(
 ) -> Verdict:
     """The audience of a click. ``other_links_clicked``: how many *other* links of the same
     message were clicked within ``rules.burst_window_s`` (see ``ClickHistory``)."""
-    verdict = _common(rules, method.upper(), user_agent, ip, click=True)
+    verdict, has_agent = _common(rules, method, user_agent, ip, click=True)
     if verdict is not None:
         return verdict
     if rules.early_click_s > 0:
@@ -275,7 +297,7 @@ def classify_click(
             return EARLY_CLICK
     if other_links_clicked > 0:
         return CLICK_BURST
-    return HUMAN if (user_agent or "").strip() else NO_USER_AGENT
+    return HUMAN if has_agent else NO_USER_AGENT
 
 
 class ClickHistory:

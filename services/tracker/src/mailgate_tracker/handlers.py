@@ -259,11 +259,14 @@ class TrackerHandlers:
         metrics.requests.labels(kind, "ok" if self._buffer.submit(event) else "dropped").inc()
         return True
 
-    def _take(self, kind: str, event: Event, verdict: Verdict) -> None:
-        """``_emit`` for a caller that checked ``buffer.full`` already (the inline path)."""
+    def _take(self, kind: str, event: TrackOpen | TrackClick, verdict: Verdict) -> None:
+        """``_emit`` for a caller that checked ``buffer.full`` already (the inline path);
+        the counters' children are bumped directly (``inc()`` is a call per request)."""
         metrics = self._metrics
-        metrics.audience.labels(kind, verdict.audience, verdict.reason).inc()
-        metrics.requests.labels(kind, "ok" if self._buffer.submit(event) else "dropped").inc()
+        metrics.audience.labels(kind, verdict.audience, verdict.reason).value += 1.0
+        metrics.requests.labels(
+            kind, "ok" if self._buffer.submit_batched(event) else "dropped"
+        ).value += 1.0
 
     async def _emit_wait(self, kind: str, event: Event) -> None:
         """Wait for room (only while NATS is connected: backpressure), else drop."""

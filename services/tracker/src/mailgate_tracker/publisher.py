@@ -236,6 +236,19 @@ class EventBuffer:
             self._wakeup.set()
         return True
 
+    def submit_batched(self, event: TrackOpen | TrackClick) -> bool:
+        """``submit`` for an open or a click (the inline routes: one per request)."""
+        pending = self._pending
+        if self._closing or len(pending) + len(self._durable) + self._retry_events >= self.capacity:
+            self._drop(event)
+            return False
+        if not pending:
+            self._first_at = time.monotonic()
+        pending.append(event)
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+        return True
+
     async def put(self, event: Event, *, max_wait_s: float) -> bool:
         """Like ``submit``, but while NATS is connected and the buffer is full, wait up to
         ``max_wait_s`` for room (backpressure) before dropping."""
