@@ -36,10 +36,6 @@ async def create_pool(database_url: str, *, max_size: int = 10) -> asyncpg.Pool:
         reset=_keep_session,
         server_settings={
             "application_name": "mailgate-ledger",
-            # The ledger's statements touch a few hundred rows by index: forking parallel
-            # workers for them (which a plan built on statistics of a table that grew since
-            # its last analyze may do) costs more than the scan it splits.
-            "max_parallel_workers_per_gather": "0",
         },
     )
     assert pool is not None
