@@ -31,6 +31,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 from mailgate_core.ids import new_ulid
+from mailgate_core.nats import JsPubAck
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -63,22 +64,7 @@ def _campaign_of(payload: bytes) -> str:
         return ""
 
 
-class _ApiError(msgspec.Struct):
-    code: int = 0
-    err_code: int = 0
-    description: str = ""
-
-
-class _PubAck(msgspec.Struct):
-    """JetStream's answer to a publish: ``{"stream", "seq"[, "duplicate"]}`` or an error."""
-
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: _ApiError | None = None
-
-
-_pub_ack_decoder = msgspec.json.Decoder(_PubAck)
+_pub_ack_decoder = msgspec.json.Decoder(JsPubAck)
 
 #: Status events per JetStream atomic batch (the server accepts up to 1,000).
 ATOMIC_BATCH_MAX = 256

@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 import nats.errors
 import nats.js.errors
-from mailgate_core.nats import PublishError
+from mailgate_core.nats import JsApiError, JsPubAck, PublishError
 from mailgate_core.schemas import Event, encode
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -53,19 +53,6 @@ def is_plain_token(value: str) -> bool:
     return bool(value) and _UNSAFE.search(value) is None
 
 
-class _ApiError(msgspec.Struct):
-    code: int = 0
-    err_code: int = 0
-    description: str = ""
-
-
-class _PubAck(msgspec.Struct):
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: _ApiError | None = None
-
-
 class _StoredMsg(msgspec.Struct):
     subject: str = ""
     seq: int = 0
@@ -75,10 +62,10 @@ class _StoredMsg(msgspec.Struct):
 
 class _MsgGet(msgspec.Struct):
     message: _StoredMsg | None = None
-    error: _ApiError | None = None
+    error: JsApiError | None = None
 
 
-_decode_pub_ack = msgspec.json.Decoder(_PubAck).decode
+_decode_pub_ack = msgspec.json.Decoder(JsPubAck).decode
 _decode_msg_get = msgspec.json.Decoder(_MsgGet).decode
 
 
@@ -89,7 +76,7 @@ class _LastBySubject(msgspec.Struct):
 _encode_get = msgspec.json.Encoder().encode
 
 
-def _api_error(error: _ApiError) -> nats.js.errors.APIError:
+def _api_error(error: JsApiError) -> nats.js.errors.APIError:
     """nats-py's exception for a JetStream API error (``from_error`` raises it)."""
     try:
         nats.js.errors.APIError.from_error(
