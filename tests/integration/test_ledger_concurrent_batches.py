@@ -59,7 +59,7 @@ async def test_a_handler_that_allows_it_gets_two_batches_at_once(js, nc) -> None
     worker = LeanPullWorker(
         js, "TRACK", "c", "track.>", handle, nc=nc, batch=8, fetch_timeout_s=0.5, sync_acks=False
     )
-    assert worker.in_flight() == 2
+    assert worker.batch_slots() == 2
     await worker.start()
     try:
         await eventually(lambda: len(sizes) == 2, what="two batches in hand")

@@ -137,7 +137,7 @@ class LeanPullWorker(PullWorker):
             await asyncio.sleep(0.5)
         return self._take(size)
 
-    def in_flight(self) -> int:
+    def batch_slots(self) -> int:
         """Batches this worker handles at once."""
         if self.batches_in_flight is not None:
             return max(1, self.batches_in_flight)
@@ -145,7 +145,7 @@ class LeanPullWorker(PullWorker):
         return max(1, declared) if isinstance(declared, int) else 1
 
     async def _run(self) -> None:
-        slots = asyncio.Semaphore(self.in_flight())
+        slots = asyncio.Semaphore(self.batch_slots())
         handling: set[asyncio.Task[None]] = set()
         try:
             while not self._stopping.is_set():
@@ -153,7 +153,7 @@ class LeanPullWorker(PullWorker):
                 if self._stopping.is_set():
                     slots.release()
                     break
-                msgs = await self._fetch()
+                msgs = await self._fetch_batch()
                 if not msgs:
                     slots.release()
                     continue
@@ -166,7 +166,7 @@ class LeanPullWorker(PullWorker):
             if handling:  # the graceful stop: the batches in hand are handled and settled
                 await asyncio.gather(*handling, return_exceptions=True)
 
-    async def _fetch(self) -> list[Msg]:
+    async def _fetch_batch(self) -> list[Msg]:
         try:
             return await self._pull(self.batch)
         except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
