@@ -18,6 +18,7 @@ import pytest
 from mailgate_smtp_ingest.metrics import Metrics
 from mailgate_smtp_ingest.server import Intake, MailgateSMTP
 from prometheus_client import CollectorRegistry
+from test_smtp_ingest_protocol import Transport as MemoryTransport
 
 
 class Handler:
@@ -31,22 +32,13 @@ class Handler:
         return "451 4.3.0 Internal error"
 
 
-class Transport(asyncio.Transport):
-    """In memory; ``close`` reports the loss to the protocol on the next loop turn, as a
-    socket transport does."""
+class Transport(MemoryTransport):
+    """``test_smtp_ingest_protocol``'s in-memory transport whose ``close`` reports the loss to
+    the protocol on the next loop turn, as a socket transport does."""
 
     def __init__(self, protocol: MailgateSMTP) -> None:
         super().__init__()
         self.protocol: MailgateSMTP | None = protocol
-        self.written: list[bytes] = []
-        self.wrote = asyncio.Event()
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written.append(bytes(data))
-        self.wrote.set()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 4242) if name == "peername" else default
 
     def is_closing(self) -> bool:
         return self.protocol is None
