@@ -32,7 +32,7 @@ lint: env ## ruff check + format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: env ## mypy strict on libs/
+typecheck: env ## mypy strict on libs/, the services and the fakes
 	$(VENV)/bin/mypy
 
 schemas: env ## regenerate proto-schemas/ from libs/ event structs

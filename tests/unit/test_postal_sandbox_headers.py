@@ -131,3 +131,37 @@ def test_a_plain_message_id_reads_as_the_header_parser_reads_it(local: str, doma
         assert _header_values(_headers_of(raw), "Message-ID") == default_policy_values(
             raw, "Message-ID"
         )
+
+
+def test_a_hash_format_inbound_post_carries_the_message_headers() -> None:
+    """Postal's Hash format (HTTPSender#parameters) sends the headers' last values and the
+    Reply-To list; the sandbox reads them from the raw header block."""
+    from mailgate_fakes.postal import Message, PostalSandbox
+
+    raw = (
+        b"From: Someone <someone@x.com>\r\nTo: u@ours.example\r\nCc: c@x.com\r\n"
+        b"Date: Tue, 24 Nov 2026 10:00:00 +0000\r\nReply-To: r1@x.com\r\nReply-To: r2@x.com\r\n"
+        b"In-Reply-To: <a@b>\r\nReferences: <a@b>\r\nAuto-Submitted: auto-replied\r\n"
+        b"Subject: hello?\r\n\r\nAnyone?\r\n"
+    )
+    message = Message(
+        id=7,
+        token="t",
+        rcpt_to="u@ours.example",
+        mail_from="someone@x.com",
+        raw=raw,
+        message_id=None,
+        tag=None,
+        subject="hello?",
+        scope="incoming",
+    )
+    params = PostalSandbox(["k"]).inbound_params(message, "Hash", flat=False)
+    assert params["from"] == "Someone <someone@x.com>"
+    assert params["to"] == "u@ours.example"
+    assert params["cc"] == "c@x.com"
+    assert params["date"] == "Tue, 24 Nov 2026 10:00:00 +0000"
+    assert params["in_reply_to"] == "<a@b>"
+    assert params["references"] == "<a@b>"
+    assert params["auto_submitted"] == "auto-replied"
+    assert params["reply_to"] == ["r1@x.com", "r2@x.com"]
+    assert params["plain_body"].rstrip() == "Anyone?"

@@ -208,7 +208,7 @@ def _opened(name: str, mode: str, std: IO[bytes]) -> Iterator[IO[bytes]]:
         yield std
         return
     with open(name, mode) as handle:
-        yield handle  # type: ignore[misc]
+        yield handle
 
 
 def _run_accounts(args: argparse.Namespace, client: AdminClient) -> Any:

@@ -20,9 +20,9 @@ import re
 import secrets
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import msgspec
@@ -55,6 +55,9 @@ from .webhooks import (
     parse_url,
     system_resolver,
 )
+
+if TYPE_CHECKING:
+    from .db import Conn, Row
 
 log = structlog.get_logger()
 
@@ -283,7 +286,7 @@ def username_for(name: str) -> str:
 # --- views -------------------------------------------------------------------------------
 
 
-def account_view(row: Mapping[str, Any]) -> dict[str, Any]:
+def account_view(row: Row) -> dict[str, Any]:
     return {
         "id": row["id"],
         "name": row["name"],
@@ -296,7 +299,7 @@ def account_view(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def credential_view(row: Mapping[str, Any]) -> dict[str, Any]:
+def credential_view(row: Row) -> dict[str, Any]:
     return {
         "username": row["username"],
         "account_id": row["account_id"],
@@ -309,7 +312,7 @@ def credential_view(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def message_view(row: Mapping[str, Any]) -> dict[str, Any]:
+def message_view(row: Row) -> dict[str, Any]:
     return {
         "mailgate_id": row["mailgate_id"],
         "external_id": row["external_id"],
@@ -327,7 +330,7 @@ def message_view(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def event_view(row: Mapping[str, Any]) -> dict[str, Any]:
+def event_view(row: Row) -> dict[str, Any]:
     return {
         "event_id": row["event_id"],
         "subject": row["subject"],
@@ -339,7 +342,7 @@ def event_view(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def timeline_entry(row: Mapping[str, Any]) -> dict[str, Any]:
+def timeline_entry(row: Row) -> dict[str, Any]:
     """One line of a message's timeline: the fact, and the customer event it produced."""
     entry: dict[str, Any] = {
         "at": _iso(row["occurred_at"]),
@@ -358,7 +361,7 @@ def timeline_entry(row: Mapping[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def webhook_delivery_view(row: Mapping[str, Any]) -> dict[str, Any]:
+def webhook_delivery_view(row: Row) -> dict[str, Any]:
     """A ``webhook_delivered`` fact (``mail.webhook_delivered``) as a delivery row."""
     data = row["data"] or {}
     return {
@@ -374,11 +377,11 @@ def webhook_delivery_view(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def suppression_view(row: Mapping[str, Any]) -> dict[str, Any]:
+def suppression_view(row: Row) -> dict[str, Any]:
     return {"email": row["email"], "reason": row["reason"], "created_at": _iso(row["created_at"])}
 
 
-def endpoint_view(row: Mapping[str, Any], *, secret: bool = False) -> dict[str, Any]:
+def endpoint_view(row: Row, *, secret: bool = False) -> dict[str, Any]:
     view = {
         "id": row["id"],
         "url": row["url"],
@@ -454,7 +457,7 @@ def campaign_stats_view(
     }
 
 
-def dead_letter_view(row: Mapping[str, Any], *, with_event: bool = False) -> dict[str, Any]:
+def dead_letter_view(row: Row, *, with_event: bool = False) -> dict[str, Any]:
     view: dict[str, Any] = {
         "id": row["id"],
         "status_event": row["status_name"],
@@ -594,7 +597,7 @@ async def get_openapi(_request: web.Request) -> web.Response:
 # --- accounts ----------------------------------------------------------------------------
 
 
-async def _account_or_404(conn: asyncpg.Connection, account_id: str) -> Mapping[str, Any]:
+async def _account_or_404(conn: Conn, account_id: str) -> Row:
     row = await store.get_account(conn, account_id)
     if row is None:
         raise not_found(f"account {account_id!r}")
@@ -858,7 +861,7 @@ async def list_suppressions(request: web.Request) -> web.StreamResponse:
     return json_response({"items": [suppression_view(r) for r in rows], "next_cursor": next_cursor})
 
 
-def _csv_rows(rows: list[Mapping[str, Any]]) -> bytes:
+def _csv_rows(rows: Iterable[Row]) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     for row in rows:
@@ -1113,7 +1116,7 @@ def parse_time(raw: str, name: str) -> dt.datetime:
 
 
 async def _message_detail(
-    conn: asyncpg.Connection, mailgate_id: str, *, account_id: str | None = None
+    conn: Conn, mailgate_id: str, *, account_id: str | None = None
 ) -> tuple[Any, list[Any]]:
     row = await store.get_message(conn, mailgate_id)
     if row is None or (account_id is not None and row["account_id"] != account_id):
@@ -1141,7 +1144,7 @@ async def message_timeline(request: web.Request) -> web.Response:
 
 
 async def message_timeline_data(
-    conn: asyncpg.Connection, mailgate_id: str, *, account_id: str | None = None
+    conn: Conn, mailgate_id: str, *, account_id: str | None = None
 ) -> tuple[dict[str, Any], Any, list[Any]]:
     """The timeline answer, the message row and its facts; ``account_id`` hides other
     accounts' messages (404)."""
@@ -1179,7 +1182,7 @@ async def find_messages(request: web.Request) -> web.Response:
 
 
 async def search_messages(
-    conn: asyncpg.Connection,
+    conn: Conn,
     q: Mapping[str, str],
     *,
     limit: int,
@@ -1226,7 +1229,7 @@ async def campaign_stats(request: web.Request) -> web.Response:
 
 
 async def campaign_stats_data(
-    conn: asyncpg.Connection, campaign_id: str, *, account_id: str | None = None
+    conn: Conn, campaign_id: str, *, account_id: str | None = None
 ) -> dict[str, Any]:
     """Campaign statistics, of one account's messages only when ``account_id`` is given."""
     statuses = await store.campaign_statuses(conn, campaign_id, account_id=account_id)
@@ -1252,7 +1255,7 @@ class ResumeIn(msgspec.Struct, kw_only=True):
     requested_by: str = ""
 
 
-def autostop_view(row: Mapping[str, Any]) -> dict[str, Any]:
+def autostop_view(row: Row) -> dict[str, Any]:
     data = dict(row["data"] or {})
     return {
         "event_id": row["event_id"],
@@ -1360,7 +1363,7 @@ def parse_date(raw: str, name: str) -> dt.date:
         raise bad_request(f"{name} must be a date (YYYY-MM-DD)") from None
 
 
-def postmaster_day_view(row: Mapping[str, Any]) -> dict[str, Any]:
+def postmaster_day_view(row: Row) -> dict[str, Any]:
     return {
         "domain": row["domain"],
         "msgtype": row["msgtype"] or None,
@@ -1450,7 +1453,7 @@ async def get_dead_letter(request: web.Request) -> web.Response:
     return json_response(dead_letter_view(row, with_event=True))
 
 
-def replay_event(row: Mapping[str, Any], now: float) -> StatusEvent:
+def replay_event(row: Row, now: float) -> StatusEvent:
     """The dead-lettered status event, addressed to its endpoint only, with a fresh retry
     window (``occurred_at``). Its ``event_id`` (the ``webhook-id``) is unchanged, so a
     receiver that did get it before de-duplicates it."""
@@ -1458,7 +1461,7 @@ def replay_event(row: Mapping[str, Any], now: float) -> StatusEvent:
     return msgspec.structs.replace(original, occurred_at=now, endpoint_ids=[row["endpoint_id"]])
 
 
-async def _replay(ctx: AdminContext, row: Mapping[str, Any]) -> Mapping[str, Any]:
+async def _replay(ctx: AdminContext, row: Row) -> Row:
     if ctx.js is None:
         raise Problem(503, "Service unavailable", "NATS is not connected")
     event = replay_event(row, time.time())
@@ -1563,7 +1566,7 @@ async def get_health(request: web.Request) -> web.Response:
 # --- customer webhook registration (account token) ---------------------------------------
 
 
-async def _webhook_account(request: web.Request, conn: asyncpg.Connection) -> Mapping[str, Any]:
+async def _webhook_account(request: web.Request, conn: Conn) -> Row:
     token = _bearer(request)
     if token is None:
         raise unauthorized("an account api token is required (Authorization: Bearer ...)")
@@ -1642,7 +1645,7 @@ async def delete_webhook(request: web.Request) -> web.Response:
 CAMPAIGN_WINDOW = dt.timedelta(days=7)
 
 
-def campaign_row_view(row: Mapping[str, Any]) -> dict[str, Any]:
+def campaign_row_view(row: Row) -> dict[str, Any]:
     return {
         "campaign_id": row["campaign_id"],
         "messages": int(row["messages"]),
@@ -1658,7 +1661,7 @@ def campaign_row_view(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def campaigns_data(
-    conn: asyncpg.Connection,
+    conn: Conn,
     *,
     since: dt.datetime,
     account_id: str | None = None,
@@ -1682,7 +1685,7 @@ async def list_campaigns(request: web.Request) -> web.Response:
     return json_response({"items": items})
 
 
-def ams_mailing_view(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def ams_mailing_view(row: Row | None) -> dict[str, Any] | None:
     if row is None:
         return None
     data = dict(row["data"] or {})
@@ -1703,7 +1706,7 @@ def day_start(now: dt.datetime) -> dt.datetime:
 
 
 async def overview_data(
-    conn: asyncpg.Connection, *, since: dt.datetime, account_id: str | None = None
+    conn: Conn, *, since: dt.datetime, account_id: str | None = None
 ) -> dict[str, Any]:
     """Messages accepted since ``since`` by status, customer events recorded since then
     (with opens and clicks split by audience) and their rates."""
@@ -1878,7 +1881,7 @@ class OperatorPatch(msgspec.Struct, kw_only=True):
     password: str | None = None
 
 
-def operator_view(row: Mapping[str, Any]) -> dict[str, Any]:
+def operator_view(row: Row) -> dict[str, Any]:
     return {
         "id": row["id"],
         "username": row["username"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import TYPE_CHECKING
 
 import asyncpg
 from mailgate_core.config import BaseSettings, ConfigError, Secret
@@ -20,6 +21,9 @@ from mailgate_core.passwords import hash_password, verify_password
 from . import store
 from .admin import new_api_token, token_hash
 from .migrations import migrate
+
+if TYPE_CHECKING:
+    from .db import Conn
 
 _USERNAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
@@ -67,7 +71,7 @@ class BootstrapSettings(BaseSettings, frozen=True, kw_only=True):
             raise ConfigError("config error: BOOTSTRAP_API_TOKEN must be at least 24 characters")
 
 
-async def ensure_credential(conn: asyncpg.Connection, settings: BootstrapSettings) -> list[str]:
+async def ensure_credential(conn: Conn, settings: BootstrapSettings) -> list[str]:
     """Create or update the account and credential; return what was done (no secrets)."""
     username = settings.bootstrap_smtp_username
     password = Secret(settings.bootstrap_smtp_password).reveal()
@@ -125,7 +129,7 @@ async def ensure_credential(conn: asyncpg.Connection, settings: BootstrapSetting
     return done
 
 
-async def ensure_console_admin(conn: asyncpg.Connection, settings: BootstrapSettings) -> str:
+async def ensure_console_admin(conn: Conn, settings: BootstrapSettings) -> str:
     """Create the console admin, or bring its password and role back to the configured ones."""
     username = settings.bootstrap_console_admin
     password = Secret(settings.bootstrap_console_password).reveal()

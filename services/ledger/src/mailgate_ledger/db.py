@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, overload
+
 import asyncpg
 import msgspec
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    #: A connection of its own or one borrowed from the pool (``pool.acquire()``): the
+    #: functions that run SQL take either.
+    Conn: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+
+
+class Row(Protocol):
+    """A result row as the ledger reads it: asyncpg's ``Record`` (columns by name, no
+    mapping iteration) or a dict of the same columns."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+    @overload
+    def get(self, key: str, /) -> Any: ...
+    @overload
+    def get(self, key: str, default: Any, /) -> Any: ...
+    def keys(self) -> Iterable[str]: ...
+
 
 _encoder = msgspec.json.Encoder()
 

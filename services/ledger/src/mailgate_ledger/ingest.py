@@ -36,7 +36,7 @@ import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import msgspec
@@ -58,6 +58,7 @@ from mailgate_core.schemas import (
     PostmasterDaily,
     SchemaError,
     StatusEvent,
+    StatusName,
     TrackBatch,
     TrackClick,
     TrackOpen,
@@ -72,6 +73,9 @@ from .metrics import LedgerMetrics
 from .outbox import Outbox, OutboxRow
 from .partitions import PartitionKeeper
 from .status import ONCE_PER_MESSAGE, SUPPRESSING_STATUSES, Fact, classify, rank
+
+if TYPE_CHECKING:
+    from .db import Conn
 
 log = structlog.get_logger()
 
@@ -138,7 +142,7 @@ def _json_bytes_without_nul(value: Any) -> bytes:
 
 def _event_history_bytes(event: Event) -> bytes:
     if getattr(event, "raw", None) is not None:  # not base64-encoded only to be dropped
-        event = msgspec.structs.replace(event, raw=None)  # type: ignore[type-var]
+        event = msgspec.structs.replace(event, raw=None)
     data = msgspec.to_builtins(event)
     data.pop("raw", None)
     return _json_bytes_without_nul(data)
@@ -719,7 +723,7 @@ class Ingestor:
             self._metrics.events.labels(item.event.subject()).inc()
         return result
 
-    async def _lock_and_claim(self, conn: asyncpg.Connection, items: list[Item]) -> set[str]:
+    async def _lock_and_claim(self, conn: Conn, items: list[Item]) -> set[str]:
         """Take the batch's advisory locks (sorted), then claim its event ids; return the ids
         claimed now (the new facts)."""
         keys = {lock_key("m", i.mailgate_id) for i in items if i.mailgate_id}
@@ -733,7 +737,7 @@ class Ingestor:
         )
         return {r[0] for r in rows}
 
-    async def _find_messages(self, conn: asyncpg.Connection, items: list[Item]) -> None:
+    async def _find_messages(self, conn: Conn, items: list[Item]) -> None:
         """Fill in the mailgate id of facts that name their message another way."""
         by_postal = [
             i.postal_id
@@ -766,7 +770,7 @@ class Ingestor:
                 assert isinstance(event, TrackOpen | TrackClick)
                 item.mailgate_id = by_pair.get((event.external_id, event.campaign_id))
 
-    async def _apply_mail_facts(self, conn: asyncpg.Connection, items: list[Item]) -> set[str]:
+    async def _apply_mail_facts(self, conn: Conn, items: list[Item]) -> set[str]:
         """Create or complete message rows from mail.* facts; return the mailgate ids of
         facts recorded earlier under a Postal id only and linked to their message now."""
         upserts: list[tuple[Any, ...]] = []
@@ -806,7 +810,7 @@ class Ingestor:
             )
         return linked
 
-    async def _insert_dead_letters(self, conn: asyncpg.Connection, items: list[Item]) -> int:
+    async def _insert_dead_letters(self, conn: Conn, items: list[Item]) -> int:
         rows = []
         for item in items:
             event = item.event
@@ -833,13 +837,13 @@ class Ingestor:
             await conn.execute(SQL_INSERT_DEAD_LETTERS, *_columns(rows, 12))
         return len(rows)
 
-    async def _upsert_postmaster(self, conn: asyncpg.Connection, items: list[Item]) -> None:
+    async def _upsert_postmaster(self, conn: Conn, items: list[Item]) -> None:
         rows = postmaster_rows([i.event for i in items if isinstance(i.event, PostmasterDaily)])
         if rows:
             await conn.execute(SQL_UPSERT_POSTMASTER_DAILY, *_columns(rows, _POSTMASTER_COLUMNS))
 
     async def _write_facts(
-        self, conn: asyncpg.Connection, new: list[Item], linked: set[str], result: Committed
+        self, conn: Conn, new: list[Item], linked: set[str], result: Committed
     ) -> None:
         """Insert the new facts and turn every fact whose message row exists into its status
         event in the outbox, in (occurred_at, event_id) order: the batch's facts and the
@@ -855,7 +859,7 @@ class Ingestor:
             )
             messages = {r["mailgate_id"]: r for r in rows}
         # (occurred_at, event_id, mailgate_id, status, data, already emitted, new item)
-        candidates: list[tuple[dt.datetime, str, str, str, Any, bool, _NewFact | None]] = []
+        candidates: list[tuple[dt.datetime, str, str, StatusName, Any, bool, _NewFact | None]] = []
         # The facts earlier batches left pending: event id -> its row of SQL_WRITE_FACTS' $8.
         earlier: dict[str, _EarlierFact] = {}
         for mid, message in messages.items():
@@ -874,22 +878,22 @@ class Ingestor:
                 )
         facts: list[_NewFact] = []
         for item in new:
-            fact = _NewFact(item)
-            facts.append(fact)
+            new_fact = _NewFact(item)
+            facts.append(new_fact)
             status = item.fact.status
-            message = messages.get(item.mailgate_id) if item.mailgate_id else None
-            if status is None or message is None:
+            row = messages.get(item.mailgate_id) if item.mailgate_id else None
+            if status is None or row is None:
                 continue
-            done = message["done"]
+            done = row["done"]
             candidates.append(
                 (
-                    fact.occurred_at,
+                    new_fact.occurred_at,
                     item.event.event_id,
-                    message["mailgate_id"],
+                    row["mailgate_id"],
                     status,
-                    fact.status_data(),
+                    new_fact.status_data(),
                     done is not None and status in done,
-                    fact,
+                    new_fact,
                 )
             )
         candidates.sort(key=lambda c: (c[0], c[1]))
@@ -955,7 +959,7 @@ class Ingestor:
             await self._suppress(conn, suppress, result)
 
     async def _suppress(
-        self, conn: asyncpg.Connection, suppress: dict[tuple[str, str], str], result: Committed
+        self, conn: Conn, suppress: dict[tuple[str, str], str], result: Committed
     ) -> None:
         added = await conn.fetch(
             SQL_INSERT_SUPPRESSIONS,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import asyncpg
 import msgspec
@@ -30,6 +30,9 @@ from mailgate_core.records import (
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+if TYPE_CHECKING:
+    from .db import Row
+
 log = structlog.get_logger()
 
 _encoder = msgspec.json.Encoder()
@@ -40,7 +43,7 @@ _BULK_CONCURRENCY = 256
 # --- rows -> records (pure) ----------------------------------------------------------------
 
 
-def credential_record(row: Mapping[str, Any]) -> CredentialRecord:
+def credential_record(row: Row) -> CredentialRecord:
     return CredentialRecord(
         username=row["username"],
         account_id=row["account_id"],
@@ -52,7 +55,7 @@ def credential_record(row: Mapping[str, Any]) -> CredentialRecord:
     )
 
 
-def account_record(row: Mapping[str, Any]) -> AccountRecord:
+def account_record(row: Row) -> AccountRecord:
     return AccountRecord(
         id=row["id"],
         name=row["name"],
@@ -64,7 +67,7 @@ def account_record(row: Mapping[str, Any]) -> AccountRecord:
     )
 
 
-def suppression_record(row: Mapping[str, Any]) -> SuppressionRecord:
+def suppression_record(row: Row) -> SuppressionRecord:
     return SuppressionRecord(
         account_id=row["account_id"],
         email=row["email"],
@@ -73,7 +76,7 @@ def suppression_record(row: Mapping[str, Any]) -> SuppressionRecord:
     )
 
 
-def endpoint_record(row: Mapping[str, Any]) -> EndpointRecord:
+def endpoint_record(row: Row) -> EndpointRecord:
     return EndpointRecord(
         id=row["id"],
         url=row["url"],
@@ -85,7 +88,7 @@ def endpoint_record(row: Mapping[str, Any]) -> EndpointRecord:
     )
 
 
-def account_endpoints(account_id: str, rows: Iterable[Mapping[str, Any]]) -> AccountEndpoints:
+def account_endpoints(account_id: str, rows: Iterable[Row]) -> AccountEndpoints:
     """Only enabled endpoints go to KV: a disabled one is, for ams-reporter, gone."""
     return AccountEndpoints(
         account_id=account_id,
@@ -261,7 +264,7 @@ class KvSync:
             accounts = await conn.fetch(SQL_ACCOUNTS)
             endpoints = await conn.fetch(SQL_ENDPOINTS)
             suppressions = await conn.fetch(SQL_SUPPRESSIONS)
-        by_account: dict[str, list[Mapping[str, Any]]] = {}
+        by_account: dict[str, list[Row]] = {}
         for row in endpoints:
             by_account.setdefault(row["account_id"], []).append(row)
         return {

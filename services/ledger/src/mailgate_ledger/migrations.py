@@ -10,9 +10,13 @@ from __future__ import annotations
 import importlib.resources
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
+
+if TYPE_CHECKING:
+    from .db import Conn
 
 log = structlog.get_logger()
 
@@ -45,7 +49,7 @@ def load_migrations() -> list[Migration]:
     return found
 
 
-async def migrate(conn: asyncpg.Connection) -> list[int]:
+async def migrate(conn: Conn) -> list[int]:
     """Apply every migration not yet applied; return the versions applied now."""
     applied_now: list[int] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)

@@ -11,10 +11,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
 from mailgate_core.ids import is_ulid, ulid_time_ms
+
+if TYPE_CHECKING:
+    from .db import Conn
 
 log = structlog.get_logger()
 
@@ -75,7 +79,7 @@ def droppable(month: dt.date, cutoff: dt.datetime) -> bool:
     return month_start(add_months(month, 1)) <= cutoff
 
 
-async def ensure_partitions(conn: asyncpg.Connection, months: Iterable[dt.date]) -> list[str]:
+async def ensure_partitions(conn: Conn, months: Iterable[dt.date]) -> list[str]:
     """Create the partitions of ``months`` that are missing; return the names created."""
     wanted = sorted(set(months))
     if not wanted:
@@ -89,7 +93,7 @@ async def ensure_partitions(conn: asyncpg.Connection, months: Iterable[dt.date])
     return created
 
 
-async def existing_months(conn: asyncpg.Connection) -> dict[str, list[dt.date]]:
+async def existing_months(conn: Conn) -> dict[str, list[dt.date]]:
     """Table -> the months that have a partition, oldest first."""
     rows = await conn.fetch(
         """SELECT p.relname AS parent, c.relname AS part

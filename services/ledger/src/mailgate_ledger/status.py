@@ -47,6 +47,7 @@ from mailgate_core.schemas import (
     MailSkipped,
     MailSubmitted,
     PostalEvent,
+    StatusName,
     TrackClick,
     TrackOpen,
     TrackUnsubscribe,
@@ -94,7 +95,7 @@ class Fact:
 
     name: str
     """History name shown in the admin API (``accepted``, ``sent``, ``delivered``...)."""
-    status: str | None
+    status: StatusName | None
     """Customer event (``status.<name>``) this fact produces, or ``None``."""
     timestamp: float
     """Unix seconds of the fact (the customer event's ``timestamp``)."""
@@ -141,7 +142,7 @@ def classify(event: Event) -> Fact:
     if isinstance(event, MailSkipped):
         return Fact("skipped", "skipped", ts, {"reason": event.reason}, event.message.mailgate_id)
     if isinstance(event, MailSubmitted):
-        data = {"postal_id": event.postal_id, "attempts": event.attempts}
+        data: dict[str, Any] = {"postal_id": event.postal_id, "attempts": event.attempts}
         return Fact("sent", "sent", ts, data, event.message.mailgate_id, event.postal_id)
     if isinstance(event, MailFailed):
         data = _compact({"reason": event.reason, "code": event.code, "detail": event.detail})
@@ -160,7 +161,7 @@ def classify(event: Event) -> Fact:
                 "automated": _automated(event.audience),
             }
         )
-        name = "clicked" if isinstance(event, TrackClick) else "opened"
+        name: StatusName = "clicked" if isinstance(event, TrackClick) else "opened"
         return Fact(name, name, ts, data, event.mailgate_id)
     if isinstance(event, TrackUnsubscribe):
         data = _compact(
@@ -196,43 +197,52 @@ def classify(event: Event) -> Fact:
 
 def _classify_postal(event: PostalEvent) -> Fact:
     ts = float(event.postal_timestamp) if event.postal_timestamp > 0 else event.occurred_at
-    ids = {"mailgate_id": postal_mailgate_id(event), "postal_id": event.postal_id}
+    mailgate_id, postal_id = postal_mailgate_id(event), event.postal_id
     name = event.event
     if name == "MessageSent":
-        return Fact("delivered", "delivered", ts, _delivery_data(event), **ids)
+        return Fact("delivered", "delivered", ts, _delivery_data(event), mailgate_id, postal_id)
     if name == "MessageDelayed":
         bounce = classify_bounce(event.output, event.details)
-        return Fact("soft_bounced", "soft_bounced", ts, _delivery_data(event, bounce), **ids)
+        return Fact(
+            "soft_bounced",
+            "soft_bounced",
+            ts,
+            _delivery_data(event, bounce),
+            mailgate_id,
+            postal_id,
+        )
     if name == "MessageDeliveryFailed":
         bounce = classify_bounce(event.output, event.details)
         data = _delivery_data(event, bounce)
         if bounce.bounce_class == "hard":
-            return Fact("hard_bounced", "hard_bounced", ts, data, **ids)
+            return Fact("hard_bounced", "hard_bounced", ts, data, mailgate_id, postal_id)
         if bounce.bounce_class == "block":
-            return Fact("soft_bounced", "soft_bounced", ts, data, **ids)
-        return Fact("failed", "failed", ts, {"reason": "delivery_failed", **data}, **ids)
+            return Fact("soft_bounced", "soft_bounced", ts, data, mailgate_id, postal_id)
+        return Fact(
+            "failed", "failed", ts, {"reason": "delivery_failed", **data}, mailgate_id, postal_id
+        )
     if name == "MessageBounced":
-        bounce = event.payload.get("bounce") if isinstance(event.payload, dict) else None
+        report = event.payload.get("bounce") if isinstance(event.payload, dict) else None
         data = _compact(
             {
                 "reason": "bounce",
                 "bounce_class": "hard",
                 "bounce_category": "async_bounce",
-                "bounce_from": bounce.get("from") if isinstance(bounce, dict) else None,
-                "bounce_subject": bounce.get("subject") if isinstance(bounce, dict) else None,
+                "bounce_from": report.get("from") if isinstance(report, dict) else None,
+                "bounce_subject": report.get("subject") if isinstance(report, dict) else None,
                 "details": event.details,
             }
         )
-        return Fact("hard_bounced", "hard_bounced", ts, data, **ids)
+        return Fact("hard_bounced", "hard_bounced", ts, data, mailgate_id, postal_id)
     if name == "Complaint":
         data = _compact({"feedback_type": event.status, "details": event.details})
-        return Fact("complained", "complained", ts, data, **ids)
+        return Fact("complained", "complained", ts, data, mailgate_id, postal_id)
     if name == "Unknown":
         return Fact("postal.Unknown", None, ts, {})
     if name == "MessageHeld":
         data = _compact({"reason": "held", "details": event.details, "postal_status": "Held"})
-        return Fact("failed", "failed", ts, data, **ids)
-    return Fact(f"postal.{name}", None, ts, {}, **ids)
+        return Fact("failed", "failed", ts, data, mailgate_id, postal_id)
+    return Fact(f"postal.{name}", None, ts, {}, mailgate_id, postal_id)
 
 
 def mailgate_id_from_message_id(message_id: object) -> str | None:

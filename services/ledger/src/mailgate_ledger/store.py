@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
+if TYPE_CHECKING:
+    from asyncpg import Record
 
-Row = Mapping[str, Any]
+    from .db import Conn
 
 
 # --- accounts ----------------------------------------------------------------------------
 
 
 async def insert_account(
-    conn: asyncpg.Connection,
+    conn: Conn,
     *,
     account_id: str,
     name: str,
@@ -24,8 +25,8 @@ async def insert_account(
     tracking: bool,
     api_token_hash: str,
     api_token_prefix: str,
-) -> Row:
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+) -> Record:
+    row = await conn.fetchrow(
         """INSERT INTO accounts (id, name, allowed_sender_domains, postal_api_key, tracking,
                                  api_token_hash, api_token_prefix)
            VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
@@ -37,20 +38,22 @@ async def insert_account(
         api_token_hash,
         api_token_prefix,
     )
+    assert row is not None, "INSERT ... RETURNING returns the row"
+    return row
 
 
-async def get_account(conn: asyncpg.Connection, account_id: str) -> Row | None:
-    return await conn.fetchrow("SELECT * FROM accounts WHERE id = $1", account_id)  # type: ignore[no-any-return]
+async def get_account(conn: Conn, account_id: str) -> Record | None:
+    return await conn.fetchrow("SELECT * FROM accounts WHERE id = $1", account_id)
 
 
-async def account_by_token_hash(conn: asyncpg.Connection, token_hash: str) -> Row | None:
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+async def account_by_token_hash(conn: Conn, token_hash: str) -> Record | None:
+    return await conn.fetchrow(
         "SELECT * FROM accounts WHERE api_token_hash = $1 AND NOT disabled", token_hash
     )
 
 
-async def list_accounts(conn: asyncpg.Connection, *, limit: int, cursor: str | None) -> list[Row]:
-    return await conn.fetch(  # type: ignore[no-any-return]
+async def list_accounts(conn: Conn, *, limit: int, cursor: str | None) -> list[Record]:
+    return await conn.fetch(
         """SELECT * FROM accounts WHERE ($1::text IS NULL OR id > $1)
            ORDER BY id LIMIT $2""",
         cursor,
@@ -61,14 +64,12 @@ async def list_accounts(conn: asyncpg.Connection, *, limit: int, cursor: str | N
 _ACCOUNT_COLUMNS = ("name", "allowed_sender_domains", "postal_api_key", "tracking", "disabled")
 
 
-async def update_account(
-    conn: asyncpg.Connection, account_id: str, changes: dict[str, Any]
-) -> Row | None:
+async def update_account(conn: Conn, account_id: str, changes: dict[str, Any]) -> Record | None:
     sets = [c for c in _ACCOUNT_COLUMNS if c in changes]
     if not sets:
         return await get_account(conn, account_id)
     assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(sets, start=2))
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+    return await conn.fetchrow(
         f"UPDATE accounts SET {assignments} WHERE id = $1 RETURNING *",  # noqa: S608 - fixed names
         account_id,
         *(changes[c] for c in sets),
@@ -76,9 +77,9 @@ async def update_account(
 
 
 async def set_account_token(
-    conn: asyncpg.Connection, account_id: str, token_hash: str, prefix: str
-) -> Row | None:
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+    conn: Conn, account_id: str, token_hash: str, prefix: str
+) -> Record | None:
+    return await conn.fetchrow(
         """UPDATE accounts SET api_token_hash = $2, api_token_prefix = $3
            WHERE id = $1 RETURNING *""",
         account_id,
@@ -91,7 +92,7 @@ async def set_account_token(
 
 
 async def insert_credential(
-    conn: asyncpg.Connection,
+    conn: Conn,
     *,
     username: str,
     account_id: str,
@@ -100,9 +101,9 @@ async def insert_credential(
     rate_per_second: float | None,
     daily_limit: int | None,
     allowed_ips: list[str],
-) -> Row | None:
+) -> Record | None:
     """The new row, or ``None`` when the username is taken."""
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+    return await conn.fetchrow(
         """INSERT INTO credentials (username, account_id, name, password_hash, rate_per_second,
                                     daily_limit, allowed_ips)
            VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -117,22 +118,22 @@ async def insert_credential(
     )
 
 
-async def list_credentials(conn: asyncpg.Connection, account_id: str) -> list[Row]:
-    return await conn.fetch(  # type: ignore[no-any-return]
+async def list_credentials(conn: Conn, account_id: str) -> list[Record]:
+    return await conn.fetch(
         "SELECT * FROM credentials WHERE account_id = $1 ORDER BY created_at, username", account_id
     )
 
 
-async def get_credential(conn: asyncpg.Connection, account_id: str, username: str) -> Row | None:
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+async def get_credential(conn: Conn, account_id: str, username: str) -> Record | None:
+    return await conn.fetchrow(
         "SELECT * FROM credentials WHERE account_id = $1 AND username = $2", account_id, username
     )
 
 
 async def set_credential_password(
-    conn: asyncpg.Connection, account_id: str, username: str, password_hash: str
-) -> Row | None:
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+    conn: Conn, account_id: str, username: str, password_hash: str
+) -> Record | None:
+    return await conn.fetchrow(
         """UPDATE credentials SET password_hash = $3 WHERE account_id = $1 AND username = $2
            RETURNING *""",
         account_id,
@@ -145,13 +146,13 @@ _CREDENTIAL_LIMITS = ("rate_per_second", "daily_limit", "allowed_ips")
 
 
 async def update_credential(
-    conn: asyncpg.Connection, account_id: str, username: str, changes: dict[str, Any]
-) -> Row | None:
+    conn: Conn, account_id: str, username: str, changes: dict[str, Any]
+) -> Record | None:
     sets = [c for c in _CREDENTIAL_LIMITS if c in changes]
     if not sets:
         return await get_credential(conn, account_id, username)
     assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(sets, start=3))
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+    return await conn.fetchrow(
         f"UPDATE credentials SET {assignments} WHERE account_id = $1 AND username = $2 "  # noqa: S608 - fixed names
         "RETURNING *",
         account_id,
@@ -161,9 +162,9 @@ async def update_credential(
 
 
 async def set_credential_disabled(
-    conn: asyncpg.Connection, account_id: str, username: str, disabled: bool
-) -> Row | None:
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+    conn: Conn, account_id: str, username: str, disabled: bool
+) -> Record | None:
+    return await conn.fetchrow(
         """UPDATE credentials SET disabled = $3 WHERE account_id = $1 AND username = $2
            RETURNING *""",
         account_id,
@@ -175,16 +176,16 @@ async def set_credential_disabled(
 # --- messages ----------------------------------------------------------------------------
 
 
-async def get_message(conn: asyncpg.Connection, mailgate_id: str) -> Row | None:
-    return await conn.fetchrow("SELECT * FROM messages WHERE mailgate_id = $1", mailgate_id)  # type: ignore[no-any-return]
+async def get_message(conn: Conn, mailgate_id: str) -> Record | None:
+    return await conn.fetchrow("SELECT * FROM messages WHERE mailgate_id = $1", mailgate_id)
 
 
 async def message_events(
-    conn: asyncpg.Connection, mailgate_id: str, *, recorded_since: dt.datetime | None = None
-) -> list[Row]:
+    conn: Conn, mailgate_id: str, *, recorded_since: dt.datetime | None = None
+) -> list[Record]:
     """The message's facts in the order they happened. ``recorded_since`` (the message's
     ULID time less a margin) lets Postgres skip the older monthly partitions."""
-    return await conn.fetch(  # type: ignore[no-any-return]
+    return await conn.fetch(
         """SELECT event_id, subject, name, status_name, status_pending, occurred_at, recorded_at,
                   data, status_data
            FROM events
@@ -196,7 +197,7 @@ async def message_events(
 
 
 async def find_messages(
-    conn: asyncpg.Connection,
+    conn: Conn,
     *,
     any_id: str | None = None,
     any_postal_id: int | None = None,
@@ -210,7 +211,7 @@ async def find_messages(
     max_id: str | None = None,
     limit: int,
     cursor: str | None = None,
-) -> list[Row]:
+) -> list[Record]:
     """Newest first (mailgate ids are ULIDs, so they sort by time); ``cursor`` = last id.
 
     ``min_id``/``max_id`` are a time range turned into ULID bounds: Postgres then reads only
@@ -218,7 +219,7 @@ async def find_messages(
     with the actual values (a generic plan of them would scan every partition and cost far
     more, so the plan cache keeps custom plans): each filter given uses its index.
     """
-    return await conn.fetch(  # type: ignore[no-any-return]
+    return await conn.fetch(
         """SELECT * FROM messages
            WHERE ($1::text IS NULL OR mailgate_id = $1 OR external_id = $1
                   OR postal_token = $1 OR postal_id = $2)
@@ -251,15 +252,15 @@ async def find_messages(
 
 
 async def list_suppressions(
-    conn: asyncpg.Connection,
+    conn: Conn,
     account_id: str,
     *,
     limit: int | None,
     cursor: str | None,
     prefix: str | None = None,
-) -> list[Row]:
+) -> list[Record]:
     """In email order; ``prefix`` keeps the addresses starting with it."""
-    return await conn.fetch(  # type: ignore[no-any-return]
+    return await conn.fetch(
         """SELECT account_id, email, reason, created_at FROM suppressions
            WHERE account_id = $1 AND ($2::text IS NULL OR email > $2)
              AND ($4::text IS NULL OR (email >= $4 AND starts_with(email, $4)))
@@ -272,10 +273,10 @@ async def list_suppressions(
 
 
 async def upsert_suppressions(
-    conn: asyncpg.Connection, account_id: str, entries: Sequence[tuple[str, str]]
-) -> list[Row]:
+    conn: Conn, account_id: str, entries: Sequence[tuple[str, str]]
+) -> list[Record]:
     """Add or re-reason ``(email, reason)`` pairs; rows carry ``inserted``."""
-    return await conn.fetch(  # type: ignore[no-any-return]
+    return await conn.fetch(
         """INSERT INTO suppressions (account_id, email, reason)
            SELECT $1, e, r FROM unnest($2::text[], $3::text[]) AS t(e, r)
            ON CONFLICT (account_id, email) DO UPDATE SET reason = EXCLUDED.reason,
@@ -288,7 +289,7 @@ async def upsert_suppressions(
 
 
 async def import_suppressions(
-    conn: asyncpg.Connection, account_id: str, entries: Sequence[tuple[str, str]]
+    conn: Conn, account_id: str, entries: Sequence[tuple[str, str]]
 ) -> tuple[int, int]:
     """Add or re-reason ``(email, reason)`` pairs (each email once); (written, new) counts."""
     row = await conn.fetchrow(
@@ -307,7 +308,7 @@ async def import_suppressions(
     return int(row["written"]), int(row["added"])
 
 
-async def delete_suppression(conn: asyncpg.Connection, account_id: str, email: str) -> bool:
+async def delete_suppression(conn: Conn, account_id: str, email: str) -> bool:
     status = await conn.execute(
         "DELETE FROM suppressions WHERE account_id = $1 AND email = $2", account_id, email
     )
@@ -318,7 +319,7 @@ async def delete_suppression(conn: asyncpg.Connection, account_id: str, email: s
 
 
 async def upsert_endpoint(
-    conn: asyncpg.Connection,
+    conn: Conn,
     *,
     endpoint_id: str,
     account_id: str,
@@ -327,9 +328,9 @@ async def upsert_endpoint(
     events: list[str],
     batch: bool,
     legacy_complained_spelling: bool,
-) -> Row:
+) -> Record:
     """Create the endpoint, or re-enable and update the account's endpoint with that URL."""
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+    row = await conn.fetchrow(
         """INSERT INTO endpoints (id, account_id, url, secret, events, batch,
                                   legacy_complained_spelling)
            VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -346,16 +347,18 @@ async def upsert_endpoint(
         batch,
         legacy_complained_spelling,
     )
+    assert row is not None, "an upsert ... RETURNING returns the row"
+    return row
 
 
-async def list_endpoints(conn: asyncpg.Connection, account_id: str) -> list[Row]:
-    return await conn.fetch(  # type: ignore[no-any-return]
+async def list_endpoints(conn: Conn, account_id: str) -> list[Record]:
+    return await conn.fetch(
         "SELECT * FROM endpoints WHERE account_id = $1 ORDER BY updated_at DESC, id", account_id
     )
 
 
-async def disable_endpoint(conn: asyncpg.Connection, account_id: str, url: str) -> Row | None:
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+async def disable_endpoint(conn: Conn, account_id: str, url: str) -> Record | None:
+    return await conn.fetchrow(
         """UPDATE endpoints SET enabled = false, updated_at = now()
            WHERE account_id = $1 AND url = $2 RETURNING *""",
         account_id,
@@ -367,7 +370,7 @@ async def disable_endpoint(conn: asyncpg.Connection, account_id: str, url: str) 
 
 
 async def campaign_statuses(
-    conn: asyncpg.Connection, campaign_id: str, *, account_id: str | None = None
+    conn: Conn, campaign_id: str, *, account_id: str | None = None
 ) -> dict[str, int]:
     rows = await conn.fetch(
         """SELECT status, count(*) AS n FROM messages
@@ -379,7 +382,7 @@ async def campaign_statuses(
 
 
 async def campaign_events(
-    conn: asyncpg.Connection, campaign_id: str, *, account_id: str | None = None
+    conn: Conn, campaign_id: str, *, account_id: str | None = None
 ) -> dict[tuple[str, str | None], tuple[int, int]]:
     """(customer event, audience or None for all) -> (events, distinct messages).
 
@@ -414,12 +417,10 @@ async def campaign_events(
 CAMPAIGN_CONTROL_SUBJECTS = ("stats.campaign.autostopped", "stats.campaign.resumed")
 
 
-async def campaign_autostops(
-    conn: asyncpg.Connection, campaign_id: str, *, limit: int
-) -> list[Row]:
+async def campaign_autostops(conn: Conn, campaign_id: str, *, limit: int) -> list[Record]:
     """The campaign's automatic stops and resumes as ams-reporter published them, newest
     first (``events_campaign`` index: the ledger files these facts under their campaign)."""
-    return await conn.fetch(  # type: ignore[no-any-return]
+    return await conn.fetch(
         """SELECT event_id, subject, occurred_at, recorded_at, data
            FROM events
            WHERE campaign_id = $1 AND status_name IS NULL AND subject = ANY($2::text[])
@@ -432,7 +433,7 @@ async def campaign_autostops(
 
 
 async def campaign_unique_non_machine(
-    conn: asyncpg.Connection,
+    conn: Conn,
     campaign_id: str,
     names: Sequence[str],
     *,
@@ -458,7 +459,7 @@ async def campaign_unique_non_machine(
 
 
 async def list_dead_letters(
-    conn: asyncpg.Connection,
+    conn: Conn,
     *,
     account_id: str | None,
     endpoint_id: str | None,
@@ -466,9 +467,9 @@ async def list_dead_letters(
     replayed: bool | None,
     limit: int,
     cursor: str | None,
-) -> list[Row]:
+) -> list[Record]:
     """Newest first; ``cursor`` = the last id of the previous page."""
-    return await conn.fetch(  # type: ignore[no-any-return]
+    return await conn.fetch(
         """SELECT * FROM dead_letters
            WHERE ($1::text IS NULL OR account_id = $1)
              AND ($2::text IS NULL OR endpoint_id = $2)
@@ -485,12 +486,12 @@ async def list_dead_letters(
     )
 
 
-async def get_dead_letter(conn: asyncpg.Connection, dead_letter_id: str) -> Row | None:
-    return await conn.fetchrow("SELECT * FROM dead_letters WHERE id = $1", dead_letter_id)  # type: ignore[no-any-return]
+async def get_dead_letter(conn: Conn, dead_letter_id: str) -> Record | None:
+    return await conn.fetchrow("SELECT * FROM dead_letters WHERE id = $1", dead_letter_id)
 
 
-async def mark_replayed(conn: asyncpg.Connection, dead_letter_id: str) -> Row | None:
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+async def mark_replayed(conn: Conn, dead_letter_id: str) -> Record | None:
+    return await conn.fetchrow(
         """UPDATE dead_letters SET replay_count = replay_count + 1, replayed_at = now()
            WHERE id = $1 RETURNING *""",
         dead_letter_id,
@@ -500,7 +501,7 @@ async def mark_replayed(conn: asyncpg.Connection, dead_letter_id: str) -> Row | 
 # --- health --------------------------------------------------------------------------------
 
 
-async def health_counts(conn: asyncpg.Connection) -> dict[str, int]:
+async def health_counts(conn: Conn) -> dict[str, int]:
     row = await conn.fetchrow(
         """SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS outbox_pending,
                   (SELECT count(*) FROM dead_letters WHERE replay_count = 0)
@@ -516,16 +517,16 @@ async def health_counts(conn: asyncpg.Connection) -> dict[str, int]:
 
 
 async def postmaster_daily(
-    conn: asyncpg.Connection,
+    conn: Conn,
     *,
     domain: str | None,
     msgtype: str | None,
     date_from: dt.date | None,
     date_to: dt.date | None,
     limit: int,
-) -> list[Row]:
+) -> list[Record]:
     """Days in order (then domain, msgtype); ``msgtype`` '' is the whole-domain row."""
-    return await conn.fetch(  # type: ignore[no-any-return]
+    return await conn.fetch(
         """SELECT * FROM postmaster_daily
            WHERE ($1::text IS NULL OR domain = $1)
              AND ($2::text IS NULL OR msgtype = $2)
@@ -544,7 +545,7 @@ async def postmaster_daily(
 
 
 async def message_statuses(
-    conn: asyncpg.Connection, *, min_id: str, account_id: str | None = None
+    conn: Conn, *, min_id: str, account_id: str | None = None
 ) -> dict[str, int]:
     """Messages accepted since ``min_id`` (a ULID time bound) by status."""
     rows = await conn.fetch(
@@ -558,7 +559,7 @@ async def message_statuses(
 
 
 async def recent_events(
-    conn: asyncpg.Connection,
+    conn: Conn,
     *,
     recorded_since: dt.datetime,
     account_id: str | None = None,
@@ -595,10 +596,10 @@ async def recent_events(
 
 
 async def list_campaigns(
-    conn: asyncpg.Connection, *, min_id: str, account_id: str | None = None, limit: int
-) -> list[Row]:
+    conn: Conn, *, min_id: str, account_id: str | None = None, limit: int
+) -> list[Record]:
     """Campaigns with messages accepted since ``min_id``, the most recently active first."""
-    return await conn.fetch(  # type: ignore[no-any-return]
+    return await conn.fetch(
         """SELECT campaign_id, count(*) AS messages, max(mailgate_id) AS last_mailgate_id,
                   count(*) FILTER (WHERE status IN ('soft_bounced', 'hard_bounced'))
                       AS bounced,
@@ -614,7 +615,7 @@ async def list_campaigns(
     )
 
 
-async def campaign_accounts(conn: asyncpg.Connection, campaign_id: str) -> list[str]:
+async def campaign_accounts(conn: Conn, campaign_id: str) -> list[str]:
     rows = await conn.fetch(
         "SELECT DISTINCT account_id FROM messages WHERE campaign_id = $1", campaign_id
     )
@@ -624,9 +625,9 @@ async def campaign_accounts(conn: asyncpg.Connection, campaign_id: str) -> list[
 AMS_PROGRESS_SUBJECT = "stats.ams.mailing"
 
 
-async def ams_mailing_state(conn: asyncpg.Connection, campaign_id: str) -> Row | None:
+async def ams_mailing_state(conn: Conn, campaign_id: str) -> Record | None:
     """The newest AMS progress stats-poller published for the campaign's mailing."""
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+    return await conn.fetchrow(
         """SELECT event_id, occurred_at, recorded_at, data FROM events
            WHERE campaign_id = $1 AND status_name IS NULL AND subject = $2
            ORDER BY occurred_at DESC, recorded_at DESC LIMIT 1""",
@@ -636,10 +637,10 @@ async def ams_mailing_state(conn: asyncpg.Connection, campaign_id: str) -> Row |
 
 
 async def dead_letter_summary(
-    conn: asyncpg.Connection, *, since: dt.datetime, account_id: str | None = None
-) -> list[Row]:
+    conn: Conn, *, since: dt.datetime, account_id: str | None = None
+) -> list[Record]:
     """Per endpoint: dead letters since a time, pending ones, the newest reason."""
-    return await conn.fetch(  # type: ignore[no-any-return]
+    return await conn.fetch(
         """SELECT endpoint_id, account_id, max(url) AS url, count(*) AS total,
                   count(*) FILTER (WHERE replay_count = 0) AS pending,
                   max(created_at) AS last_at,
@@ -653,7 +654,7 @@ async def dead_letter_summary(
     )
 
 
-async def postmaster_domains(conn: asyncpg.Connection) -> list[str]:
+async def postmaster_domains(conn: Conn) -> list[str]:
     rows = await conn.fetch("SELECT DISTINCT domain FROM postmaster_daily ORDER BY domain")
     return [r["domain"] for r in rows]
 
@@ -662,16 +663,16 @@ async def postmaster_domains(conn: asyncpg.Connection) -> list[str]:
 
 
 async def insert_operator(
-    conn: asyncpg.Connection,
+    conn: Conn,
     *,
     operator_id: str,
     username: str,
     password_hash: str,
     role: str,
     account_id: str | None,
-) -> Row | None:
+) -> Record | None:
     """The new row, or ``None`` when the username is taken (case-insensitively)."""
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+    return await conn.fetchrow(
         """INSERT INTO operators (id, username, password_hash, role, account_id)
            VALUES ($1, $2, $3, $4, $5)
            ON CONFLICT (lower(username)) DO NOTHING RETURNING *""",
@@ -683,23 +684,23 @@ async def insert_operator(
     )
 
 
-async def operator_by_username(conn: asyncpg.Connection, username: str) -> Row | None:
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+async def operator_by_username(conn: Conn, username: str) -> Record | None:
+    return await conn.fetchrow(
         "SELECT * FROM operators WHERE lower(username) = lower($1)", username
     )
 
 
-async def list_operators(conn: asyncpg.Connection) -> list[Row]:
-    return await conn.fetch("SELECT * FROM operators ORDER BY lower(username)")  # type: ignore[no-any-return]
+async def list_operators(conn: Conn) -> list[Record]:
+    return await conn.fetch("SELECT * FROM operators ORDER BY lower(username)")
 
 
 async def update_operator(
-    conn: asyncpg.Connection,
+    conn: Conn,
     operator_id: str,
     *,
     disabled: bool | None = None,
     password_hash: str | None = None,
-) -> Row | None:
+) -> Record | None:
     """Change an operator; disabling or a new password ends the operator's sessions."""
     async with conn.transaction():
         row = await conn.fetchrow(
@@ -712,11 +713,11 @@ async def update_operator(
         )
         if row is not None and (disabled or password_hash is not None):
             await conn.execute("DELETE FROM operator_sessions WHERE operator_id = $1", operator_id)
-    return row  # type: ignore[no-any-return]
+    return row
 
 
 async def insert_session(
-    conn: asyncpg.Connection,
+    conn: Conn,
     *,
     token_hash: str,
     operator_id: str,
@@ -739,9 +740,9 @@ async def insert_session(
     )
 
 
-async def session_operator(conn: asyncpg.Connection, token_hash: str) -> Row | None:
+async def session_operator(conn: Conn, token_hash: str) -> Record | None:
     """The signed-in operator of an unexpired session (and the session's CSRF token)."""
-    return await conn.fetchrow(  # type: ignore[no-any-return]
+    return await conn.fetchrow(
         """SELECT o.id, o.username, o.role, o.account_id, s.csrf_token, s.expires_at
            FROM operator_sessions s JOIN operators o ON o.id = s.operator_id
            WHERE s.token_hash = $1 AND s.expires_at > now() AND NOT o.disabled""",
@@ -749,10 +750,10 @@ async def session_operator(conn: asyncpg.Connection, token_hash: str) -> Row | N
     )
 
 
-async def delete_session(conn: asyncpg.Connection, token_hash: str) -> None:
+async def delete_session(conn: Conn, token_hash: str) -> None:
     await conn.execute("DELETE FROM operator_sessions WHERE token_hash = $1", token_hash)
 
 
-async def delete_expired_sessions(conn: asyncpg.Connection) -> int:
+async def delete_expired_sessions(conn: Conn) -> int:
     status = await conn.execute("DELETE FROM operator_sessions WHERE expires_at <= now()")
     return int(status.rsplit(" ", 1)[-1])

@@ -133,10 +133,10 @@ class Postgres:
     def start(self) -> Postgres:
         if self.external_url:
             return self
-        import pgserver
+        from pgserver.postgres_server import get_server
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = pgserver.get_server(str(self.data_dir), cleanup_mode="stop")
+        self._server = get_server(str(self.data_dir), cleanup_mode="stop")
         return self
 
     @property

@@ -1383,8 +1383,10 @@ class PostalSandbox:
             }
         parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(message.raw)
 
+        headers = _headers_of(message.raw)
+
         def last(name: str) -> str | None:
-            values = _header_values(parsed, name)
+            values = _header_values(headers, name)
             return values[-1] if values else None
 
         plain = parsed.get_body(("plain",))
@@ -1411,7 +1413,7 @@ class PostalSandbox:
             "html_body": html.get_content() if html is not None else None,
             "attachment_quantity": len(attachments),
             "auto_submitted": last("Auto-Submitted"),
-            "reply_to": _header_values(parsed, "Reply-To"),
+            "reply_to": _header_values(headers, "Reply-To"),
             "plain_body": plain.get_content() if plain is not None else None,
         }
         items = []

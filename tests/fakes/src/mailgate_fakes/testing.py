@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from mailgate_core.schemas import Event
 
 T = TypeVar("T")
+E = TypeVar("E", bound="Event")
 
 
 async def eventually(
@@ -39,8 +43,8 @@ async def eventually(
 
 
 async def stored_events(
-    js: Any, subject: str, stream: str, schema: type[T], *, limit: int = 1000
-) -> list[T]:
+    js: Any, subject: str, stream: str, schema: type[E], *, limit: int = 1000
+) -> list[E]:
     """Every event on ``subject`` stored in ``stream`` (up to ``limit``), decoded, read by a
     throwaway pull consumer: what a service under test has made durable."""
     import nats.errors
