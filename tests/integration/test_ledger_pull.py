@@ -7,10 +7,10 @@ import asyncio
 import time
 from collections.abc import Sequence
 
+from mailgate_core import nats_wire
 from mailgate_core import schemas as s
 from mailgate_core.nats import Ack, Nak, Outcome, Term, publish_event
 from mailgate_fakes.testing import eventually
-from mailgate_ledger import wire
 from mailgate_ledger.outbox import OutboxRow, _AckPipeline
 from mailgate_ledger.pull import LeanPullWorker
 from nats.aio.msg import Msg
@@ -145,10 +145,13 @@ async def test_one_write_publishes_are_stored_once_per_message_id(js, nc) -> Non
 
     await nc.subscribe(inbox + ".*", cb=on_reply)
     commands = [
-        wire.hpub_command("track.open", f"{inbox}.{n}", "same-id", payload) for n in range(3)
+        nats_wire.publish_command("track.open", f"{inbox}.{n}", payload, ("Nats-Msg-Id", "same-id"))
+        for n in range(3)
     ]
-    commands.append(wire.hpub_command("track.open", f"{inbox}.9", "other-id", payload))
-    assert await wire.send(nc, commands)
+    commands.append(
+        nats_wire.publish_command("track.open", f"{inbox}.9", payload, ("Nats-Msg-Id", "other-id"))
+    )
+    assert await nats_wire.write(nc, b"".join(commands))
     await eventually(lambda: len(replies) == 4, what="four publish acks")
     info = await js.stream_info("TRACK")
     assert info.state.messages == 2  # the three "same-id" publishes are one message
@@ -158,13 +161,14 @@ async def test_one_write_publishes_are_stored_once_per_message_id(js, nc) -> Non
 
 
 def test_protocol_commands_are_well_formed() -> None:
-    assert wire.ack_command("$JS.ACK.S.c.1.2.3.4.0") == b"PUB $JS.ACK.S.c.1.2.3.4.0 0\r\n\r\n"
+    assert nats_wire.ack_command("$JS.ACK.S.c.1.2.3.4.0") == b"PUB $JS.ACK.S.c.1.2.3.4.0 0\r\n\r\n"
     header = b"NATS/1.0\r\nNats-Msg-Id: st-1\r\n\r\n"
-    assert wire.hpub_command("status.sent", "_INBOX.a.1", "st-1", b"{}") == (
+    msg_id = ("Nats-Msg-Id", "st-1")
+    assert nats_wire.publish_command("status.sent", "_INBOX.a.1", b"{}", msg_id) == (
         b"HPUB status.sent _INBOX.a.1 %d %d\r\n%s{}\r\n" % (len(header), len(header) + 2, header)
     )
-    assert wire.is_plain_token("st-01HXYZ") and wire.is_plain_token("status.sent")
-    assert not any(wire.is_plain_token(v) for v in ("", "a b", "a\r\nb", "a\tb"))
+    assert nats_wire.is_plain_token("st-01HXYZ") and nats_wire.is_plain_token("status.sent")
+    assert not any(nats_wire.is_plain_token(v) for v in ("", "a b", "a\r\nb", "a\tb"))
 
 
 def _rows(ids: Sequence[str]) -> list[OutboxRow]:

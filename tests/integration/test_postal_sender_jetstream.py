@@ -1,5 +1,6 @@
-"""postal-sender's lean JetStream requests (jetstream.py) against a real nats-server: the same
-answers and errors as nats-py's KV and publish, which they replace on the hot path."""
+"""postal-sender's lean JetStream requests (mailgate_core.nats_wire) against a real
+nats-server: the same answers and errors as nats-py's KV and publish, which they replace on the
+hot path."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import nats.js.errors
 import pytest
 from mailgate_core.ids import new_ulid
 from mailgate_core.nats import PublishError
+from mailgate_core.nats_wire import JetStreamRequests
 from mailgate_core.schemas import MailSubmitted, MessageRef, decode
-from mailgate_postal_sender.jetstream import JetStreamRequests
 
 
 def submitted(event_id: str | None = None) -> MailSubmitted:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 import pytest
-from mailgate_ledger.outbox import _atomic_server
+from mailgate_core.nats_wire import atomic_batches_supported
 from nats.aio.client import Client, Srv
 
 
@@ -35,8 +35,8 @@ def connected_to(version: str | None) -> Client:
     ],
 )
 def test_atomic_batches_follow_the_server_version(version: str | None, atomic: bool) -> None:
-    assert _atomic_server(connected_to(version)) is atomic
+    assert atomic_batches_supported(connected_to(version)) is atomic
 
 
 def test_no_server_yet_means_no_atomic_batches() -> None:
-    assert _atomic_server(Client()) is False
+    assert atomic_batches_supported(Client()) is False

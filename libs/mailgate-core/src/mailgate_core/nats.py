@@ -4,6 +4,9 @@ Every service calls ``provision(js)`` at start-up: it creates (or updates to the
 config) every stream, KV bucket and object store, so services can start in any order.
 All storage is file-backed; the nats-server we run has ``sync_interval: always`` so a
 publish ack means the event is on disk.
+
+The hot paths that skip nats-py's general publish and request machinery (the ledger's acks
+and STATUS outbox, postal-sender's KV and publishes) use ``nats_wire`` instead.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -171,24 +173,6 @@ async def provision(
 
 class PublishError(Exception):
     """The event could not be made durable; the caller must answer 4xx / nak."""
-
-
-class JsApiError(msgspec.Struct):
-    """A JetStream API error as the server sends it (``{"code", "err_code", "description"}``),
-    for the services that read JetStream's answers with msgspec instead of nats-py."""
-
-    code: int = 0
-    err_code: int = 0
-    description: str = ""
-
-
-class JsPubAck(msgspec.Struct):
-    """JetStream's answer to a publish: ``{"stream", "seq"[, "duplicate"]}`` or an error."""
-
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: JsApiError | None = None
 
 
 async def publish_event(js: JetStreamContext, event: Event, *, timeout: float = 5.0) -> int:

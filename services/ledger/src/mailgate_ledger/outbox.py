@@ -8,19 +8,18 @@ duplicate window and receivers de-duplicate on ``webhook-id`` beyond it.
 
 One STATUS message per status event (the consumers' wire format), but the publishes of a
 batch are pipelined: sent back to back on the connection, their JetStream acks collected on
-one wildcard inbox subscription (``_AckPipeline``), so a batch costs one round trip and no
-task, timer or future-with-timeout per event (nats-py's ``js.publish`` creates all three).
-The publishes of a batch are written to the connection at once (``wire``), as JetStream
-atomic batches when there are several (``_AckPipeline.publish``): with ``sync_interval:
-always`` JetStream syncs once per message otherwise, and that rate of stores was what bounded
-STATUS publishing.
+one wildcard inbox subscription (``_AckPipeline``, on ``mailgate_core.nats_wire``), so a
+batch costs one round trip and no task, timer or future-with-timeout per event (nats-py's
+``js.publish`` creates all three). The publishes of a batch are written to the connection at
+once (``nats_wire.write``), as JetStream atomic batches when there are several
+(``_AckPipeline.publish``): with ``sync_interval: always`` JetStream syncs once per message
+otherwise, and that rate of stores was what bounded STATUS publishing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,13 +29,12 @@ import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
+from mailgate_core import nats_wire
 from mailgate_core.ids import new_ulid
-from mailgate_core.nats import JsPubAck
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from . import wire
 from .metrics import LedgerMetrics
 
 log = structlog.get_logger()
@@ -64,8 +62,6 @@ def _campaign_of(payload: bytes) -> str:
         return ""
 
 
-_pub_ack_decoder = msgspec.json.Decoder(JsPubAck)
-
 #: Status events per JetStream atomic batch (the server accepts up to 1,000).
 ATOMIC_BATCH_MAX = 256
 #: JetStream's refusals of an atomic batch: one of its message ids is stored already (a
@@ -75,32 +71,12 @@ _ERR_BATCH_DUPLICATE = 10201
 _ERR_ATOMIC_DISABLED = 10174
 
 
-_atomic_versions: dict[str, bool] = {}
-
-
-def _atomic_server(nc: NatsClient) -> bool:
-    """Whether the connected server takes atomic batches (nats-server 2.12+). An older one
-    ignores the batch headers: it would store each message alone and answer only the last,
-    so a refused message in the middle would go unnoticed."""
-    server = nc._current_server  # (nats-py's connected_server_version, without a regex per call)
-    text = (server.server_version if server is not None else None) or ""
-    known = _atomic_versions.get(text)
-    if known is None:
-        try:
-            version = nc.connected_server_version
-            known = (version.major, version.minor) >= (2, 12)
-        except ValueError:  # not a semantic version
-            known = False
-        _atomic_versions[text] = known
-    return known
-
-
 def _stored(msg: Msg | None) -> bool:
     """Whether a publish's reply says JetStream stored the message (or already had it)."""
     if msg is None or not msg.data:  # timed out, or "no responders" (no stream)
         return False
     try:
-        ack = _pub_ack_decoder.decode(msg.data)
+        ack = nats_wire.decode_pub_ack(msg.data)
     except msgspec.DecodeError:
         return False
     return ack.error is None and ack.seq > 0
@@ -108,7 +84,7 @@ def _stored(msg: Msg | None) -> bool:
 
 class _AckPipeline:
     """JetStream publishes without a round trip each: every publish carries a reply subject
-    under one inbox prefix, a single subscription resolves the waiting futures. At most
+    of one ``JetStreamRequests`` (one subscription resolves the waiting futures). At most
     ``window`` publishes await their ack at once (over all callers): JetStream stores them
     one by one, so more would only wait in its queue and run into the timeout."""
 
@@ -116,36 +92,28 @@ class _AckPipeline:
         self._nc = nc
         self._atomic = atomic
         self._window = asyncio.Semaphore(window)
-        self._prefix = ""
-        self._tokens = itertools.count()
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
-        self._opening = asyncio.Lock()
-
-    async def _open(self) -> None:
-        async with self._opening:
-            if not self._prefix:
-                prefix = self._nc.new_inbox() + "."
-                await self._nc.subscribe(prefix + "*", cb=self._on_reply)
-                self._prefix = prefix
+        self._replies = nats_wire.JetStreamRequests(nc)
 
     def _release(self, _: asyncio.Future[Msg]) -> None:
         self._window.release()
 
-    async def _on_reply(self, msg: Msg) -> None:
-        future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
-        if future is not None and not future.done():
-            future.set_result(msg)
-
     async def _write(self, pending: list[tuple[OutboxRow, str]]) -> None:
-        """Send the publishes in one write (``wire``), or one by one through nats-py when a
-        subject or message id is not a plain token or the connection is not connected."""
+        """Send the publishes in one write (``nats_wire.write``), or one by one through
+        nats-py when a subject or message id is not a plain token or the connection is not
+        connected."""
         if all(
-            wire.is_plain_token(r.subject) and wire.is_plain_token(r.msg_id) for r, _ in pending
+            nats_wire.is_plain_token(r.subject) and nats_wire.is_plain_token(r.msg_id)
+            for r, _ in pending
         ):
-            commands = [
-                wire.hpub_command(r.subject, reply, r.msg_id, r.payload) for r, reply in pending
-            ]
-            if await wire.send(self._nc, commands):
+            data = b"".join(
+                [
+                    nats_wire.publish_command(
+                        r.subject, reply, r.payload, ("Nats-Msg-Id", r.msg_id)
+                    )
+                    for r, reply in pending
+                ]
+            )
+            if await nats_wire.write(self._nc, data):
                 return
         for row, reply in pending:
             await self._nc.publish(
@@ -160,10 +128,16 @@ class _AckPipeline:
         once per message (measured: about 8x the stored messages per second, a quarter of the
         server's CPU). A batch is stored whole or not at all; one JetStream refuses (a
         republish containing a stored message id) is published message by message."""
-        if not self._prefix:
-            await self._open()
-        plain = all(wire.is_plain_token(r.subject) and wire.is_plain_token(r.msg_id) for r in rows)
-        if not (self._atomic and plain and len(rows) > 1 and _atomic_server(self._nc)):
+        await self._replies.start()
+        plain = all(
+            nats_wire.is_plain_token(r.subject) and nats_wire.is_plain_token(r.msg_id) for r in rows
+        )
+        if not (
+            self._atomic
+            and plain
+            and len(rows) > 1
+            and nats_wire.atomic_batches_supported(self._nc)
+        ):
             return await self._publish_each(rows, timeout_s)
         results: list[bool] = []
         for start in range(0, len(rows), ATOMIC_BATCH_MAX):
@@ -179,16 +153,14 @@ class _AckPipeline:
         """One atomic batch: True when stored, False when not known to be (no answer in
         time, connection error), None when JetStream refused it (publish one by one)."""
         await self._window.acquire()
-        token = str(next(self._tokens))
-        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        reply, future = self._replies.expect()
         future.add_done_callback(self._release)
-        self._waiting[token] = future
         batch_id = new_ulid()
         last = len(rows) - 1
         commands = [
-            wire.batch_hpub_command(
+            nats_wire.atomic_batch_command(
                 row.subject,
-                self._prefix + token if i == last else "",
+                reply if i == last else "",
                 row.msg_id,
                 row.payload,
                 batch_id=batch_id,
@@ -198,21 +170,21 @@ class _AckPipeline:
             for i, row in enumerate(rows)
         ]
         try:
-            if not await wire.send(self._nc, commands):
+            if not await nats_wire.write(self._nc, b"".join(commands)):
                 return None  # not connected: nats-py's publish decides (buffer or refuse)
             await asyncio.wait([future], timeout=timeout_s)
         except (nats.errors.Error, OSError) as exc:
             log.warning("status publish failed", error=str(exc), count=len(rows))
             return False
         finally:
-            self._waiting.pop(token, None)
+            self._replies.forget(reply)
             if not future.done():
                 future.cancel()
         if future.cancelled():
             return False  # the outbox loop republishes; a stored batch is then a duplicate
-        reply = future.result()
+        answer = future.result()
         try:
-            ack = _pub_ack_decoder.decode(reply.data) if reply.data else None
+            ack = nats_wire.decode_pub_ack(answer.data) if answer.data else None
         except msgspec.DecodeError:
             ack = None
         if ack is not None and ack.error is None and ack.seq > 0:
@@ -230,8 +202,7 @@ class _AckPipeline:
 
     async def _publish_each(self, rows: Sequence[OutboxRow], timeout_s: float) -> list[bool]:
         """One publish per row, pipelined (each with its own ack)."""
-        loop = asyncio.get_running_loop()
-        tokens: list[str] = []
+        replies: list[str] = []
         futures: list[asyncio.Future[Msg]] = []
         unsent: list[tuple[OutboxRow, str]] = []  # (row, reply) not written yet
         try:
@@ -240,21 +211,19 @@ class _AckPipeline:
                     await self._write(unsent)
                     unsent = []
                 await self._window.acquire()
-                token = str(next(self._tokens))
-                future: asyncio.Future[Msg] = loop.create_future()
+                reply, future = self._replies.expect()
                 future.add_done_callback(self._release)
-                self._waiting[token] = future
-                tokens.append(token)
+                replies.append(reply)
                 futures.append(future)
-                unsent.append((row, self._prefix + token))
+                unsent.append((row, reply))
             if unsent:
                 await self._write(unsent)
             await asyncio.wait(futures, timeout=timeout_s)
         except (nats.errors.Error, OSError) as exc:  # the rest counts as not published
             log.warning("status publish failed", error=str(exc), count=len(rows))
         finally:
-            for token in tokens:
-                self._waiting.pop(token, None)
+            for reply in replies:
+                self._replies.forget(reply)
             for future in futures:  # timed out: give the window slot back
                 if not future.done():
                     future.cancel()

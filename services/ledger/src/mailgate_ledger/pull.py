@@ -15,8 +15,8 @@ does not end the current one.
 
 Up to ``batches_in_flight`` batches are handled at once (the ledger's handlers declare two:
 the next batch is fetched and started while the one ahead waits for Postgres); a batch is
-settled after its handler returned (after the commit), as ``PullWorker`` does,
-but its acks go out as one write (``wire.send``: one ``PUB <ack reply> 0`` per message, not
+settled after its handler returned (after the commit), as ``PullWorker`` does, but its acks
+go out as one write (``mailgate_core.nats_wire``: one ``PUB <ack reply> 0`` per message, not
 one nats-py ``publish`` each); naks and terms are sent one by one. The graceful stop and the
 consumer's configuration are ``PullWorker``'s; messages fetched but not handed out when the
 worker stops are nak'ed without delay, so another replica takes them at once.
@@ -35,11 +35,10 @@ import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
+from mailgate_core import nats_wire
 from mailgate_core.nats import Ack, Nak, Outcome, PullWorker, backoff_delay, delivery_count
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-
-from . import wire
 
 log = structlog.get_logger()
 
@@ -198,7 +197,9 @@ class LeanPullWorker(PullWorker):
             else:
                 others.append((msg, outcome))
         try:
-            if acked and not await wire.send(self.nc, [wire.ack_command(m.reply) for m in acked]):
+            if acked and not await nats_wire.write(
+                self.nc, b"".join([nats_wire.ack_command(m.reply) for m in acked])
+            ):
                 for msg in acked:
                     await msg.ack()
         except Exception as exc:

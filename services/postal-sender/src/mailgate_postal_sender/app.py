@@ -21,11 +21,11 @@ from mailgate_core.nats import (
     PullWorker,
     per_message,
 )
+from mailgate_core.nats_wire import JetStreamRequests
 from mailgate_core.service import ServiceBase
 from prometheus_client import CollectorRegistry
 
 from .client import PostalClient, new_session
-from .jetstream import JetStreamRequests
 from .leader import LeaderLock
 from .limits import Circuit
 from .metrics import Metrics
@@ -172,7 +172,7 @@ async def build(
         Secret(settings.postal_api_key).reveal(),
         cache_s=settings.account_cache_s,
     )
-    # The sender's own KV reads/writes and publishes take the lean path (jetstream.py); the
+    # The sender's own KV reads/writes and publishes take the lean path (nats_wire); the
     # reconciler and the final-marker consumer keep nats-py's (a few per minute).
     assert service.nc is not None
     requests = JetStreamRequests(service.nc, timeout_s=10.0)

@@ -38,6 +38,7 @@ import nats.js.errors
 import structlog
 from mailgate_core.nats import Ack, Nak, Outcome, PublishError, Term, backoff_delay, delivery_count
 from mailgate_core.nats import publish_event as _publish_event
+from mailgate_core.nats_wire import JetStreamRequests
 from mailgate_core.records import AccountRecord
 from mailgate_core.schemas import MailAccepted, MailFailed, MailSubmitted, SchemaError, decode
 from nats.aio.msg import Msg
@@ -46,7 +47,6 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from .classify import Rejected, Retry, Submitted
 from .client import PostalClient
-from .jetstream import JetStreamRequests
 from .metrics import Metrics
 from .pending import PendingRecord, create_pending
 
@@ -203,7 +203,7 @@ class Sender:
     """How long final markers are kept (reconciler); a replay older than this skips pending."""
     crash_after_submit: int = 0
     requests: JetStreamRequests | None = None
-    """Lean JetStream publishes (jetstream.py); ``None``: nats-py's ``js.publish``."""
+    """Lean JetStream publishes (mailgate_core.nats_wire); ``None``: nats-py's ``js.publish``."""
     _stored: int = field(default=0, init=False)
 
     async def _publish(self, event: MailSubmitted | MailFailed) -> int:
