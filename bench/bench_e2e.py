@@ -137,6 +137,23 @@ def _sandbox_messages(url: str) -> list[dict[str, Any]]:
         return list(json.loads(resp.read()))
 
 
+def _nats_msgs(stack: Stack) -> dict[str, int]:
+    """Messages each service's NATS connections have sent and received so far (nats-server's
+    /connz, by connection name; publishes, acks, pull requests, KV and API calls, answers)."""
+    if stack.nats is None or not stack.nats.monitor_port:
+        return {}
+    url = f"http://127.0.0.1:{stack.nats.monitor_port}/connz?limit=1024"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            conns = json.loads(resp.read())["connections"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    totals: Counter[str] = Counter()
+    for conn in conns:
+        totals[conn.get("name") or "?"] += int(conn["in_msgs"]) + int(conn["out_msgs"])
+    return dict(totals)
+
+
 def _sandbox_count(url: str) -> int:
     return len(_sandbox_messages(url))
 
@@ -270,6 +287,7 @@ async def run(opts: Options) -> list[Row]:
             pids = {n: p.pid for n, p in stack.procs.items()}
             infra = _infrastructure_pids(stack)
             cpu0 = {n: process_tree_cpu_s(pid) for n, pid in {**pids, **infra}.items()}
+            nats0 = await asyncio.to_thread(_nats_msgs, stack)
             tls = ssl.create_default_context()
             tls.check_hostname = False
             tls.verify_mode = ssl.CERT_NONE
@@ -298,6 +316,10 @@ async def run(opts: Options) -> list[Row]:
             await _wait_for_hooks(receiver, count, 60 if opts.quick else 300)
             cpu = {n: process_tree_cpu_s(pid) - cpu0[n] for n, pid in pids.items()}
             infra_cpu = {n: process_tree_cpu_s(pid) - cpu0[n] for n, pid in infra.items()}
+            nats_msgs = {
+                n: v - nats0.get(n, 0)
+                for n, v in (await asyncio.to_thread(_nats_msgs, stack)).items()
+            }
             postal_url = stack.postal_api_url
             flood = await asyncio.to_thread(_sandbox_messages, postal_url)
             flood_at = {str(m["message_id"]).split("@")[0]: float(m["timestamp"]) for m in flood}
@@ -429,6 +451,18 @@ async def run(opts: Options) -> list[Row]:
                 cpu_s_per_1k=sum(infra_cpu.values()) / count * 1000,
                 note=", ".join(f"{n} {v / count * 1000:.2f}" for n, v in infra_cpu.items())
                 + f"; with the services: {all_ms:.2f} ms of CPU per message on this machine",
+            )
+        )
+    if nats_msgs:
+        rows.append(
+            Row(
+                benchmark="e2e flood: NATS messages per msg, per service connection",
+                note=", ".join(
+                    f"{name} {v / count:.2f}"
+                    for name, v in sorted(nats_msgs.items(), key=lambda kv: -kv[1])
+                    if v
+                )
+                + " (in + out, as nats-server counts them)",
             )
         )
     peak = max(rss.values())

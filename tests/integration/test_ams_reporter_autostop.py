@@ -123,7 +123,13 @@ async def test_a_crossing_stops_the_mailing_exactly_once_across_replicas_and_res
     assert ams.mailings[73]["state"] == "paused"
     assert ams.mailings[74]["state"] == "running"
 
-    msg = await js.get_last_msg("STATS", "stats.campaign.autostopped")
+    async def autostopped() -> Any:
+        try:
+            return await js.get_last_msg("STATS", "stats.campaign.autostopped")
+        except nats.js.errors.NotFoundError:  # published once AMS confirmed: just after
+            return None
+
+    msg = await eventually(autostopped, what="stats.campaign.autostopped")
     event = decode(msg.data, CampaignAutoStopped)
     assert (event.campaign_id, event.mailing_id, event.account_id) == ("73", "73", "acc1")
     assert (event.reason, event.threshold, event.min_volume) == ("hard_bounce_rate", 0.05, MIN_SENT)
@@ -183,12 +189,16 @@ async def test_resume_starts_the_mailing_and_rearms_the_stop_on_new_volume(
     await publish(js, "sent", MIN_SENT)
     await publish(js, "failed", 10)  # 10 / 60 = 16.7 % > 10 %
     await eventually(lambda: stops(ams) == 1, what="stopped")
-    await eventually(
-        lambda: request(nc, "ams.control.autostops", {"campaign_id": "73"}),
-        what="listed",
-    )
-    listed = await request(nc, "ams.control.autostops", {"campaign_id": "73"})
-    assert [(m["state"], m["reason"]) for m in listed["items"]] == [("stopped", "failure_rate")]
+
+    async def announced() -> list[dict[str, Any]] | None:
+        # The stop's last marker write (``published``) follows stopMailing: a resume sent
+        # before it would meet "changed meanwhile; try again".
+        listed = await request(nc, "ams.control.autostops", {"campaign_id": "73"})
+        items: list[dict[str, Any]] = listed["items"]
+        return items if items and items[0].get("published") else None
+
+    items = await eventually(announced, what="listed and announced")
+    assert [(m["state"], m["reason"]) for m in items] == [("stopped", "failure_rate")]
 
     answer = await request(nc, "ams.control.resume", {"campaign_id": "73", "requested_by": "ops"})
     assert answer["state"] == "resumed" and answer["generation"] == 1

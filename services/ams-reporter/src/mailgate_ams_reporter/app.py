@@ -256,8 +256,6 @@ class AmsReporter(ServiceBase):
                 ack_wait_s=ack_wait_s,
                 max_ack_pending=max(1000, 4 * s.delivery_concurrency),
                 concurrency=s.delivery_concurrency,
-                fetch_timeout_s=0.5,
-                eager=True,  # below saturation a delivery must not wait for a fuller batch
             )
         )
         self.workers.append(
@@ -272,7 +270,6 @@ class AmsReporter(ServiceBase):
                 ack_wait_s=ack_wait_s,
                 max_ack_pending=s.retry_max_ack_pending,
                 concurrency=s.retry_concurrency,
-                fetch_timeout_s=0.5,
             )
         )
         self.on_stop.append(self._stop_intake)

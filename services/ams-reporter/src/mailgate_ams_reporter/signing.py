@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -29,8 +30,10 @@ DEFAULT_TOLERANCE_S = 300
 USER_AGENT = "mailgate/0.1"
 
 
+@functools.lru_cache(maxsize=1024)
 def signing_key(secret: str) -> bytes:
-    """The HMAC key of the Standard Webhooks signature for ``secret``."""
+    """The HMAC key of the Standard Webhooks signature for ``secret`` (remembered per
+    secret: every delivery to an endpoint would otherwise decode it again)."""
     if secret.startswith(STANDARD_PREFIX):
         try:
             return base64.b64decode(secret[len(STANDARD_PREFIX) :], validate=True)
