@@ -2,7 +2,20 @@ from mailgate_core.config import ConfigError, load_settings
 from mailgate_core.logging import configure_logging
 from mailgate_core.runtime import run_service
 
-from .app import Settings, build
+from .app import Settings, SmtpIngestService, build
+from .memory import settle_heap
+
+
+async def build_process(settings: Settings) -> SmtpIngestService:
+    """``build`` for an smtp-ingest process of its own (tests start services in-process
+    with ``build``): once it has started, the heap is settled (``memory.settle_heap``)."""
+    service = await build(settings)
+
+    async def settle() -> None:
+        settle_heap()
+
+    service.on_start.append(settle)
+    return service
 
 
 def main() -> None:
@@ -21,7 +34,7 @@ def main() -> None:
                 grace_s=settings.shutdown_grace_s,
             )
         )
-    run_service("smtp-ingest", Settings, build)
+    run_service("smtp-ingest", Settings, build_process)
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def _encode_base64(data: bytes, newline: bytes) -> bytes:
 
 def _encode_qp(data: bytes, newline: bytes) -> bytes:
     encoded = binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
-    if b"\r" in encoded:
+    if encoded.count(b"\r") != encoded.count(b"\r\n"):  # (two scans: cheaper than a sub)
         encoded = _LONE_CR.sub(b"=0D", encoded)
     if newline == b"\r\n" and b"\n" in encoded and b"\r\n" not in encoded:
         encoded = encoded.replace(b"\n", b"\r\n")  # b2a_qp keeps the input's line breaks
@@ -446,6 +446,30 @@ def _fit_line_length(
     return replace(template, encoding="quoted-printable", new_head=new_head)
 
 
+#: Body parts up to this size are read once for every message that carries them (see
+#: ``_shared_part_template``); 32 of them are remembered, at most a few MB.
+SHARED_TEMPLATE_MAX_BYTES = 64 * 1024
+
+
+@lru_cache(maxsize=32)
+def _shared_part_template(
+    fields: tuple[HeaderField, ...],
+    info: ContentInfo,
+    body: bytes,
+    newline: bytes,
+    links: TrackingLinks,
+    blank: bytes,
+) -> PartTemplate | None:
+    """``_part_template`` remembered by everything it reads: the part's header fields and
+    content info, its body bytes as received, the line breaks and the tracker. A campaign
+    sends one message per recipient, each with its own boundaries and Message-ID but
+    (unless personalised) the same text and HTML parts: the part is then decoded and its
+    links found once, not once per message. Templates are immutable and hold their own
+    copy of the body (``body`` is one), never a view into a message buffer. A part whose
+    bytes differ (a personalised body) costs a copy and a hash, and misses."""
+    return _part_template(fields, info, body, newline, links, blank=blank)
+
+
 def _splice_for(buf: bytes, part: MimePart, newline: bytes, links: TrackingLinks) -> _Splice | None:
     info = part.info
     if info.content_type not in ("text/html", "text/plain") or info.is_attachment:
@@ -455,7 +479,10 @@ def _splice_for(buf: bytes, part: MimePart, newline: bytes, links: TrackingLinks
     body_start = part.body_start
     blank = b"\r\n" if buf[max(0, body_start - 2) : body_start] == b"\r\n" else b"\n"
     body = memoryview(buf)[body_start : part.end]
-    template = _part_template(part.fields, part.info, body, newline, links, blank=blank)
+    if part.depth > 0 and len(body) <= SHARED_TEMPLATE_MAX_BYTES:
+        template = _shared_part_template(part.fields, part.info, bytes(body), newline, links, blank)
+    else:
+        template = _part_template(part.fields, part.info, body, newline, links, blank=blank)
     if template is None:
         return None
     if part.depth == 0:
