@@ -127,7 +127,7 @@ def find_forbidden_attachment(raw: bytes, parts: Sequence[MimePart] | None = Non
     except Exception:  # MalformedMime, or anything odd in a header: ask the email package
         try:
             message = email.message_from_bytes(raw, policy=email.policy.compat32)
-            parts = list(message.walk())
+            walked_by_email = list(message.walk())
         except RecursionError:  # hundreds of nested parts: what is inside cannot be checked
             raise replies.Rejected(replies.TOO_DEEPLY_NESTED) from None
     else:
@@ -136,7 +136,7 @@ def find_forbidden_attachment(raw: bytes, parts: Sequence[MimePart] | None = Non
             if extension is not None:
                 return extension
         return None
-    for part in parts:
+    for part in walked_by_email:
         for filename in part_filenames(part):
             extension = attachment_extension(filename)
             if extension in FORBIDDEN_EXTENSIONS:

@@ -143,7 +143,7 @@ class KvMirror(Generic[T]):
                 deadline = loop.time() + self._resync_s
                 while (remaining := deadline - loop.time()) > 0:
                     try:
-                        entry = await watcher.updates(timeout=min(remaining, 5.0))
+                        entry = await watcher.updates(timeout=min(remaining, 5.0))  # type: ignore[no-untyped-call]
                     except nats.errors.TimeoutError:
                         continue
                     if entry is None:  # end of the initial snapshot
@@ -164,7 +164,7 @@ class KvMirror(Generic[T]):
             finally:
                 if watcher is not None:
                     with contextlib.suppress(Exception):
-                        await watcher.stop()
+                        await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 class Directory:

@@ -16,11 +16,12 @@ import math
 import re
 from base64 import b64decode
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import (
     BOGUS_LIMIT,
     SMTP,
+    Session,
     TLSSetupException,
     _AuthMechAttr,
     login_always_fail,
@@ -450,7 +451,7 @@ class MailgateSMTP(SMTP):
             self._timer_due = deadline
             self._timeout_handle = self.loop.call_at(deadline, self._timeout_cb)
             return
-        super()._timeout_cb()
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     async def _handle_client(self) -> None:
         """aiosmtpd's command loop, with the same checks and replies in the same order,
@@ -466,9 +467,9 @@ class MailgateSMTP(SMTP):
         ):
             await super()._handle_client()
             return
-        session = self.session
         reader = self._reader
-        assert session is not None and reader is not None
+        assert self.session is not None and reader is not None
+        session: Session = self.session
         methods = self._smtp_methods
         await self.push(f"220 {self.hostname} {self.__ident__}")
         bogus_budget = BOGUS_LIMIT
@@ -482,7 +483,7 @@ class MailgateSMTP(SMTP):
                     continue
                 line = line.rstrip(b"\r\n")
                 if _WIRE_LOG.isEnabledFor(logging.INFO):
-                    sanitized_log(_WIRE_LOG.info, "%r >> %r", self.session.peer, line)
+                    sanitized_log(_WIRE_LOG.info, "%r >> %r", session.peer, line)
                 if not line:
                     await self.push("500 Error: bad syntax")
                     continue
@@ -494,6 +495,7 @@ class MailgateSMTP(SMTP):
                     continue
                 # Arguments are UTF-8 with surrogateescape: non-UTF-8 bytes survive.
                 arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
+                assert self.session is not None
                 session = self.session  # (STARTTLS makes a new one)
                 max_size = (
                     self.command_size_limits[command]
@@ -520,7 +522,7 @@ class MailgateSMTP(SMTP):
                 self._reset_timeout()  # a valid command
                 await method(arg)
             except (asyncio.CancelledError, ConnectionResetError):
-                _WIRE_LOG.info("%r Connection lost during _handle_client()", self.session.peer)
+                _WIRE_LOG.info("%r Connection lost during _handle_client()", session.peer)
                 self._writer.close()
                 raise
             except Exception as error:
@@ -544,7 +546,8 @@ class MailgateSMTP(SMTP):
             status = await self.handle_exception(error)
         except Exception as inner_error:
             try:
-                _WIRE_LOG.exception("%r Exception in handle_exception()", self.session.peer)
+                peer = self.session.peer if self.session is not None else None
+                _WIRE_LOG.exception("%r Exception in handle_exception()", peer)
                 status = f"500 Error: ({inner_error.__class__.__name__}) {inner_error}"
             except Exception:
                 status = "500 Error: Cannot describe error"
@@ -584,7 +587,7 @@ class MailgateSMTP(SMTP):
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
-        self._set_rset_state()
+        self._set_rset_state()  # type: ignore[no-untyped-call]
         assert self.session is not None
         self.session.extended_smtp = True
         self.session.host_name = hostname
@@ -624,14 +627,16 @@ class MailgateSMTP(SMTP):
         self._reader._buffer.clear()  # type: ignore[attr-defined]
         self._original_transport = plain  # aiosmtpd's connection_lost closes it
         try:
-            secure = await self.loop.start_tls(plain, self, self.tls_context, server_side=True)
+            secure = await self.loop.start_tls(
+                cast("asyncio.WriteTransport", plain), self, self.tls_context, server_side=True
+            )
         except asyncio.CancelledError:
             raise
         except Exception as error:
             raise TLSSetupException() from error
         if secure is None:  # the connection went away during the handshake
             raise TLSSetupException()
-        self._set_rset_state()
+        self._set_rset_state()  # type: ignore[no-untyped-call]
         self.session = self._create_session()
         self.session.peer = secure.get_extra_info("peername")
         self._reset_timeout()
@@ -687,7 +692,7 @@ class MailgateSMTP(SMTP):
             await self.push(str(replies.AUTH_INVALID))
             return
         self.session.authenticated = True
-        self.session.auth_data = principal
+        self.session.auth_data = principal  # type: ignore[assignment]  # (typed None there)
         await self.push(str(replies.AUTH_OK))
 
     async def _initial_response(self, text: str) -> bytes | None:
@@ -842,11 +847,11 @@ class MailgateSMTP(SMTP):
             content = _undo_dot_stuffing(content)
         assert self.envelope is not None
         if too_big:
-            self._set_post_data_state()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.reject(replies.TOO_BIG)
             return
         self.envelope.content = self.envelope.original_content = bytes(content)
         del content
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)

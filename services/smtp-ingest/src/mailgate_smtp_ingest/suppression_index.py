@@ -130,7 +130,7 @@ class SuppressionIndex:
                 deadline = loop.time() + self._resync_s
                 while (remaining := deadline - loop.time()) > 0:
                     try:
-                        entry = await watcher.updates(timeout=min(remaining, 5.0))
+                        entry = await watcher.updates(timeout=min(remaining, 5.0))  # type: ignore[no-untyped-call]
                     except nats.errors.TimeoutError:
                         continue
                     if entry is None:  # the snapshot is complete
@@ -153,4 +153,4 @@ class SuppressionIndex:
             finally:
                 if watcher is not None:
                     with contextlib.suppress(Exception):
-                        await watcher.stop()
+                        await watcher.stop()  # type: ignore[no-untyped-call]

@@ -340,6 +340,7 @@ def _slots_for(
     if html_part:
         for match in _A_HREF.finditer(data):
             group = match.lastindex  # (the one of the three alternatives that matched)
+            assert group is not None
             start, end = match.span(group)
             value = bytes(data[start:end])
             if _UNSUB_TAG.search(value):
