@@ -1,5 +1,6 @@
 """The tracker's per-request checks against plain reference versions of the same rules:
-token verification (base64url, HMAC, binary ULID) and the user-agent verdict memo (pure)."""
+token verification (base64url, HMAC, binary ULID, the strict variant and its acceptance
+time), the user-agent verdict memo, the user-agent text and event ids (pure)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hmac
 
 from hypothesis import given
 from hypothesis import strategies as st
+from mailgate_core.ids import is_ulid, new_ulid, ulid_time_ms
 from mailgate_core.tracking import TokenKind, TokenPayload, TokenSigner
 from mailgate_tracker.audience import (
     APPLE_MPP,
@@ -24,6 +26,8 @@ from mailgate_tracker.audience import (
     classify_open,
     parse_networks,
 )
+from mailgate_tracker.handlers import agent_text, clean_text
+from mailgate_tracker.ids import EventIds
 
 SECRETS = ["first-secret-0123456789", "second-secret-abcdef"]
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -106,6 +110,59 @@ def test_verify_agrees_with_the_reference_on_any_text(token: str) -> None:
         assert TokenSigner(secrets).verify(token) == reference_verify(secrets, token)
 
 
+URLSAFE = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def reference_details(
+    secrets: list[str], token: str
+) -> tuple[TokenKind, str, str | None, int | None] | None:
+    """``verify_details``: the reference payload of a token made of base64url characters
+    only, with the acceptance time of a version-2 (binary ULID) token."""
+    payload = reference_verify(secrets, token) if set(token) <= URLSAFE else None
+    if payload is None:
+        return None
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    accepted_ms = int.from_bytes(raw[2:8], "big") if raw[0] == 2 else None
+    return (payload.kind, payload.mailgate_id, payload.url, accepted_ms)
+
+
+@given(token_data, st.sampled_from([*SECRETS, "not-ours"]), st.sampled_from(["", "=", "%41", "+"]))
+def test_verify_details_agrees_with_the_reference_and_refuses_anything_but_base64url(
+    data: bytes, secret: str, suffix: str
+) -> None:
+    token = sign(secret, data) + suffix
+    for secrets in (SECRETS[:1], SECRETS):
+        assert TokenSigner(secrets).verify_details(token) == reference_details(secrets, token)
+
+
+@given(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/%? é"))
+def test_verify_details_agrees_with_the_reference_on_any_text(token: str) -> None:
+    assert TokenSigner(SECRETS).verify_details(token) == reference_details(SECRETS, token)
+
+
+def test_verify_details_refuses_what_verify_skips_and_reads_the_acceptance_time() -> None:
+    signer = TokenSigner(SECRETS)
+    mid = new_ulid(1_700_000_000_123)
+    token = signer.make_click_token(mid, "https://a.example/x?y=1")
+    assert signer.verify_details(token) == (
+        "click",
+        mid,
+        "https://a.example/x?y=1",
+        ulid_time_ms(mid),
+    )
+    assert signer.verify_details(signer.make_open_token("AMS-7")) == ("open", "AMS-7", None, None)
+    for padded in (token + "=", f"{token[:5]}%{token[5:]}", f"{token} "):
+        assert signer.verify(padded) is not None  # verify skips what is not base64
+        assert signer.verify_details(padded) is None
+    assert signer.verify_details(token + "?utm=1") is None
+    urlsafe = next(t for t in (signer.make_open_token(new_ulid()) for _ in range(500)) if "-" in t)
+    standard = urlsafe.replace("-", "+")  # the same bytes in the standard alphabet
+    assert signer.verify(standard) == signer.verify(urlsafe) is not None
+    assert signer.verify_details(standard) is None and signer.verify_details(urlsafe)
+    assert signer.verify_details(token, strict=False) is not None
+    assert signer.verify_details(token + "=", strict=False) is not None
+
+
 @given(st.integers(min_value=0, max_value=2**128 - 1), st.sampled_from(["open", "click"]))
 def test_binary_ulids_decode_to_their_26_characters(value: int, kind: str) -> None:
     mid = "".join(CROCKFORD[(value >> (5 * i)) & 31] for i in reversed(range(26)))
@@ -167,6 +224,39 @@ def test_verdicts_from_remembered_headers_equal_the_unremembered_rules(
         assert classify_click(
             RULES, method, agent, ip, mailgate_id=None, now_s=0.0
         ) == reference_verdict(method, agent, ip, click=True)
+
+
+@given(
+    st.sampled_from(["GET", "HEAD"]),
+    st.sampled_from(AGENTS),
+    st.one_of(st.builds(new_ulid), st.sampled_from(["AMS-7", "01arz3ndektsv4rrffq69g5fav"])),
+    st.floats(min_value=0, max_value=4e9),
+    st.integers(min_value=0, max_value=3),
+)
+def test_a_click_verdict_from_the_tokens_acceptance_time_equals_the_one_from_its_id(
+    method: str, agent: str | None, mid: str, now: float, others: int
+) -> None:
+    rules = Rules(early_click_s=30.0)
+    accepted_ms = ulid_time_ms(mid) if mid.isupper() and is_ulid(mid) else None
+    args = (rules, method, agent, "203.0.113.9")
+    from_id = classify_click(*args, mailgate_id=mid, now_s=now, other_links_clicked=others)
+    from_token = classify_click(
+        *args, mailgate_id=mid, now_s=now, other_links_clicked=others, accepted_ms=accepted_ms
+    )
+    assert from_token == from_id
+
+
+@given(st.one_of(st.none(), st.text(max_size=600), st.sampled_from(AGENTS)))
+def test_agent_text_equals_the_plain_cut_and_clean(agent: str | None) -> None:
+    assert agent_text(agent) == (clean_text(agent[:512]) if agent else None)
+
+
+@given(st.lists(st.floats(min_value=0, max_value=2**48 / 1000 - 1), min_size=1, max_size=50))
+def test_event_ids_carry_the_millisecond_they_were_made_in(times: list[float]) -> None:
+    ids = EventIds()
+    for now in sorted(times):
+        made = ids(now)
+        assert is_ulid(made) and ulid_time_ms(made) == int(now * 1000)
 
 
 def test_the_header_memo_is_bounded() -> None:

@@ -41,6 +41,13 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
 _PAIR_VALUE = {pair: i for i, pair in enumerate(_PAIRS)}
 _URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_URLSAFE_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+#: ``_URLSAFE_TO_STANDARD`` for ``verify_details``: every byte that is not base64url (``+``,
+#: ``/`` and ``=`` included) becomes ``!``, which strict base64 decoding refuses.
+_URLSAFE_STRICT = bytes(
+    b"+"[0] if i == b"-"[0] else b"/"[0] if i == b"_"[0] else i if i in _URLSAFE_CHARS else 33
+    for i in range(256)
+)
 #: The ``=`` padding a base64 text of ``len % 4`` characters lacks.
 _PADDING = (b"", b"===", b"==", b"=")
 _compare_digest = hmac.compare_digest
@@ -94,10 +101,14 @@ _GROUP_TO_CROCKFORD = _CROCKFORD.encode().ljust(256, b"!")
 
 
 def _ulid_text(raw: bytes) -> str:
-    """The 26 characters of a 16-byte ULID (130 bits, the top 2 zero): every 5-bit group
-    moved into its own byte by a few whole-integer steps, then one ``translate``."""
+    """The 26 characters of a 16-byte ULID (130 bits, the top 2 zero)."""
+    return _ulid_text_of(int.from_bytes(raw, "big"))
+
+
+def _ulid_text_of(x: int) -> str:
+    """``_ulid_text`` of the ULID's value: every 5-bit group moved into its own byte by a few
+    whole-integer steps, then one ``translate``."""
     (m1, f1), (m2, f2), (m3, f3), (m4, f4), (m5, f5) = _SPREAD
-    x = int.from_bytes(raw, "big")
     x += (x & m1) * f1
     x += (x & m2) * f2
     x += (x & m3) * f3
@@ -116,6 +127,10 @@ class TokenPayload(NamedTuple):
 
 #: ``TokenPayload(...)`` without the named tuple's Python-level ``__new__``.
 _new_tuple = tuple.__new__
+
+TokenDetails = tuple[TokenKind, str, str | None, int | None]
+"""What ``TokenSigner.verify_details`` returns: (kind, mailgate id, URL (clicks) or ``None``,
+the acceptance time in unix milliseconds from a version-2 token's ULID, else ``None``)."""
 
 
 class TokenError(ValueError):
@@ -187,14 +202,31 @@ class TokenSigner:
         return self._make("unsubscribe", mailgate_id)
 
     def verify(self, token: str) -> TokenPayload | None:
-        """The payload of an authentic token; ``None`` for anything else (never raises)."""
+        """The payload of an authentic token; ``None`` for anything else (never raises).
+        Characters that are not base64 are skipped, as ``base64.urlsafe_b64decode`` does."""
+        found = self.verify_details(token, strict=False)
+        if found is None:
+            return None
+        return _new_tuple(TokenPayload, found[:3])
+
+    def verify_details(self, token: str, *, strict: bool = True) -> TokenDetails | None:
+        """``verify`` for the tracker's hot routes: the ``TokenDetails`` of an authentic token,
+        else ``None`` (never raises). ``strict``: a token with any character that is not
+        base64url (``+``, ``/``, ``=``, ``%`` ... which ``verify`` skips) is refused, so the text
+        is exactly the path segment that was signed."""
         if not token or len(token) > MAX_TOKEN_CHARS:
             return None
         try:  # _b64decode, spelled out: this runs on every tracked request
             ascii_token = token.encode("ascii")
-            raw = binascii.a2b_base64(
-                ascii_token.translate(_URLSAFE_TO_STANDARD) + _PADDING[len(ascii_token) & 3]
-            )
+            if strict:
+                raw = binascii.a2b_base64(
+                    ascii_token.translate(_URLSAFE_STRICT) + _PADDING[len(ascii_token) & 3],
+                    strict_mode=True,
+                )
+            else:
+                raw = binascii.a2b_base64(
+                    ascii_token.translate(_URLSAFE_TO_STANDARD) + _PADDING[len(ascii_token) & 3]
+                )
         except (UnicodeEncodeError, binascii.Error, ValueError):
             return None
         if len(raw) < 3 + 1 + MAC_BYTES:
@@ -214,14 +246,18 @@ class TokenSigner:
         kind = _BYTE_KIND.get(data[1])
         if kind is None:
             return None
+        accepted_ms: int | None
         if data[0] == VERSION and len(data) >= 2 + ULID_BYTES:
-            mailgate_id = _ulid_text(data[2 : 2 + ULID_BYTES])
+            value = int.from_bytes(data[2 : 2 + ULID_BYTES], "big")
+            mailgate_id = _ulid_text_of(value)
+            accepted_ms = value >> 80  # a ULID's top 48 bits: its time in milliseconds
             rest_raw = data[2 + ULID_BYTES :]
         elif data[0] == VERSION_TEXT_ID and data[2] and len(data) >= 3 + data[2]:
             try:
                 mailgate_id = data[3 : 3 + data[2]].decode()
             except UnicodeDecodeError:
                 return None
+            accepted_ms = None
             rest_raw = data[3 + data[2] :]
         else:
             return None
@@ -232,7 +268,7 @@ class TokenSigner:
                 rest = rest_raw.decode()
             except UnicodeDecodeError:
                 return None
-            return _new_tuple(TokenPayload, (kind, mailgate_id, rest))
+            return (kind, mailgate_id, rest, accepted_ms)
         if rest_raw:
             return None
-        return _new_tuple(TokenPayload, (kind, mailgate_id, None))
+        return (kind, mailgate_id, None, accepted_ms)

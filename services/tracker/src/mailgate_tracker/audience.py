@@ -285,14 +285,20 @@ def classify_click(
     mailgate_id: str | None,
     now_s: float,
     other_links_clicked: int = 0,
+    accepted_ms: int | None = None,
 ) -> Verdict:
     """The audience of a click. ``other_links_clicked``: how many *other* links of the same
-    message were clicked within ``rules.burst_window_s`` (see ``ClickHistory``)."""
+    message were clicked within ``rules.burst_window_s`` (see ``ClickHistory``).
+    ``accepted_ms``: the message's acceptance time when the caller has it already (the
+    token's ULID, ``TokenSigner.verify_details``); else it is read from ``mailgate_id``."""
     verdict, has_agent = _common(rules, method, user_agent, ip, click=True)
     if verdict is not None:
         return verdict
     if rules.early_click_s > 0:
-        age = accepted_age_s(mailgate_id, now_s)
+        if accepted_ms is not None:
+            age: float | None = now_s - accepted_ms / 1000.0
+        else:
+            age = accepted_age_s(mailgate_id, now_s)
         if age is not None and age < rules.early_click_s:
             return EARLY_CLICK
     if other_links_clicked > 0:

@@ -28,26 +28,36 @@ class EventIds:
 
     def __init__(self) -> None:
         self._ms = -1
-        self._time = ""
         self._counter = 0
         self._random = ""
+        self._high = -1
+        self._high_text = ""
+        self._prefix = ""
+        """The time and random characters of the current millisecond (22)."""
         self._reseed()
 
     def _reseed(self) -> None:
         self._random = _base32(int.from_bytes(os.urandom(8), "big") >> 4, 6)
         self._counter = 0
+        self._ms = -1  # the prefix is rebuilt with the new random bits
 
     def __call__(self, now_s: float) -> str:
         ms = int(now_s * 1000)
-        if ms != self._ms:
-            self._ms = ms
-            self._time = _base32(ms, 5)
         counter = self._counter
         if counter >= _COUNTER_LIMIT:
             self._reseed()
             counter = 0
+        if ms != self._ms:
+            self._ms = ms
+            high = ms >> 20  # the first 28 bits (6 characters) change every ~17 minutes
+            if high != self._high:
+                self._high = high
+                self._high_text = _base32(high, 3)
+            self._prefix = (
+                self._high_text + _PAIRS[(ms >> 10) & 1023] + _PAIRS[ms & 1023] + self._random
+            )
         self._counter = counter + 1
-        return self._time + self._random + _PAIRS[counter >> 10] + _PAIRS[counter & 1023]
+        return self._prefix + _PAIRS[counter >> 10] + _PAIRS[counter & 1023]
 
 
 #: Unsubscribes of one message within this window share an event id (under JetStream's

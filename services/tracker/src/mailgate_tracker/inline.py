@@ -10,7 +10,8 @@ can answer completely is answered there with prebuilt bytes (byte for byte what 
 message goes to the ``Application`` exactly as before. It answers inline only:
 
 - ``GET``/``HEAD`` over HTTP/1.1 with no body, no upgrade and no ``Expect``, on a path made
-  of the route prefix and a token of base64url characters (nothing to unquote, no query);
+  of the route prefix and a token of base64url characters (nothing to unquote, no query:
+  ``TokenSigner.verify_details`` refuses any other character);
 - while the connection is idle (no earlier request still being answered, nothing queued)
   and its transport takes writes (a client that stops reading gets aiohttp's flow control);
 - with a valid token of the route's kind, a redirect target already in printable ASCII, and
@@ -23,13 +24,12 @@ answered inline is recorded, published and drained at shutdown exactly like any 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
@@ -44,9 +44,6 @@ log = structlog.get_logger()
 OPEN_PREFIX = "/track/o/"
 CLICK_PREFIX = "/track/c/"
 _PREFIX_CHARS = len(OPEN_PREFIX)
-#: A token as the inline path takes it: base64url (what ``TokenSigner`` makes), so the raw
-#: path is also the decoded one aiohttp would route.
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,4096}")
 _LOCATION_MEMO_SIZE = 1024
 
 
@@ -74,19 +71,21 @@ class InlineRoutes:
     def __init__(self, handlers: TrackerHandlers, clock: Callable[[], float] = time.time) -> None:
         self._handlers = handlers
         self._clock = clock
-        self._second = -1
+        self._second = -1.0
+        self._second_end = -1.0
         #: (keep-alive, close) x (GET, HEAD) answers of the current second
         self._pixel: dict[tuple[bool, bool], bytes] = {}
         self._date_tail: tuple[bytes, bytes] = (b"", b"")
-        self._redirects: dict[tuple[str, bool], bytes] = {}
+        #: Location -> the answer's start, for GET and for HEAD
+        self._redirects: dict[str, bytes] = {}
+        self._head_redirects: dict[str, bytes] = {}
         self.answered = 0
         """Requests answered here (the rest went to the ``Application``)."""
 
-    def _tick(self) -> None:
-        second = int(self._clock())
-        if second == self._second:
-            return
-        self._second = second
+    def _tick(self, now: float) -> None:
+        """The answers of the second of ``now`` (the caller checked it is another one)."""
+        second = int(now)
+        self._second, self._second_end = second, second + 1.0
         date = rfc822_formatted_time().encode("latin-1")
         keep, close = date + _TAIL + b"\r\n", date + _TAIL + _CLOSE + b"\r\n"
         self._date_tail = (keep, close)
@@ -107,33 +106,37 @@ class InlineRoutes:
             or payload is not EMPTY_PAYLOAD
             or msg.version != HttpVersion11
             or msg.upgrade
-            or not _TOKEN.fullmatch(path, _PREFIX_CHARS)
         ):
             return None
         headers = msg.headers
-        if "Expect" in headers:  # the app may answer "100 Continue" first
+        if hdrs.EXPECT in headers:  # the app may answer "100 Continue" first
             return None
         handlers = self._handlers
-        user_agent = headers.get("User-Agent")
+        user_agent = headers.get(hdrs.USER_AGENT)  # istr names: no case folding per request
         if path.startswith(OPEN_PREFIX):
             if not handlers.open_inline(path[_PREFIX_CHARS:], method, user_agent, ip):
                 return None
-            self._tick()
+            now = self._clock()
+            if not self._second <= now < self._second_end:
+                self._tick(now)
             self.answered += 1
             return self._pixel[(bool(msg.should_close), method == "HEAD")]
         if path.startswith(CLICK_PREFIX):
             location = handlers.click_inline(path[_PREFIX_CHARS:], method, user_agent, ip)
             if location is None:
                 return None
-            self._tick()
+            now = self._clock()
+            if not self._second <= now < self._second_end:
+                self._tick(now)
             self.answered += 1
-            key = (location, method == "HEAD")
-            start = self._redirects.get(key)
+            head = method == "HEAD"
+            redirects = self._head_redirects if head else self._redirects
+            start = redirects.get(location)
             if start is None:
-                if len(self._redirects) >= _LOCATION_MEMO_SIZE:
-                    self._redirects.clear()
-                rest = _REDIRECT_REST_HEAD if key[1] else _REDIRECT_REST
-                start = self._redirects[key] = _REDIRECT_START + location.encode("ascii") + rest
+                if len(redirects) >= _LOCATION_MEMO_SIZE:
+                    redirects.clear()
+                rest = _REDIRECT_REST_HEAD if head else _REDIRECT_REST
+                start = redirects[location] = _REDIRECT_START + location.encode("ascii") + rest
             return start + self._date_tail[1 if msg.should_close else 0]
         return None
 
