@@ -387,11 +387,16 @@ class PullWorker:
             except Exception:
                 log.exception("message handler crashed", subject=msg.subject)
                 outcome = Nak(backoff_delay(_delivered(msg)))
-            await _settle(msg, outcome, sync=self.sync_acks)
+            await self._settle_one(msg, outcome)
         finally:
             self._in_flight -= 1
             if self.concurrency - self._in_flight >= self._chunk():
                 self._room.set()
+
+    async def _settle_one(self, msg: Msg, outcome: Outcome) -> None:
+        """Settle one message of the per-message mode once its handling has ended (a
+        subclass may hold acks back to send several in one write)."""
+        await _settle(msg, outcome, sync=self.sync_acks)
 
     async def _run(self) -> None:
         if self.handler is not None:

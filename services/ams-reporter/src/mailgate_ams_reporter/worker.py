@@ -30,15 +30,7 @@ from dataclasses import dataclass, field
 import msgspec
 import nats.errors
 import structlog
-from mailgate_core.nats import (
-    Ack,
-    MessageHandler,
-    Nak,
-    PullWorker,
-    _settle,
-    backoff_delay,
-    delivery_count,
-)
+from mailgate_core.nats import Ack, MessageHandler, Outcome, PullWorker, _settle
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -115,21 +107,11 @@ class FlowWorker(PullWorker):
             self._pause_until = time.monotonic() + ERROR_PAUSE_S
         self._room.set()
 
-    async def _one(self, handler: MessageHandler, msg: Msg) -> None:
-        try:
-            try:
-                outcome = await handler(msg)
-            except Exception:
-                log.exception("message handler crashed", subject=msg.subject)
-                outcome = Nak(backoff_delay(delivery_count(msg)))
-            if isinstance(outcome, Ack) and not self.sync_acks:
-                self._queue_ack(msg)
-            else:
-                await _settle(msg, outcome, sync=self.sync_acks)
-        finally:
-            self._in_flight -= 1
-            if self.concurrency - self._in_flight >= self._chunk():
-                self._room.set()
+    async def _settle_one(self, msg: Msg, outcome: Outcome) -> None:
+        if isinstance(outcome, Ack) and not self.sync_acks:
+            self._queue_ack(msg)
+        else:
+            await _settle(msg, outcome, sync=self.sync_acks)
 
     def _queue_ack(self, msg: Msg) -> None:
         self._acks.append(msg)
