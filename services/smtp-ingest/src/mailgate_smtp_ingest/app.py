@@ -181,6 +181,7 @@ class SmtpIngestService(ServiceBase):
         """PEM of the generated certificate (None when loaded from files): tests trust it."""
         self.metrics = Metrics.create(self.registry)
         self.intake = Intake(max_connections_per_ip=settings.smtp_max_connections_per_ip)
+        self.intake.count_sessions_in(self.metrics.sessions)
         self.smtp_port = 0
         self.smtps_port = 0
         self._servers: list[asyncio.Server] = []

@@ -7,15 +7,15 @@ guesser learns nothing until the window passes (the price: the real user also wa
 
 scrypt is deliberately slow (~50 ms, 16 MiB), so it runs in a thread and a successful
 verification is remembered: AMS opens many connections with the same credential. The
-memo key holds an HMAC of the password under a per-process random key (never the password)
-and the stored hash, so a password change in the ledger invalidates it at once.
+memo key holds a MAC of the password under a per-process random key (never the password)
+and the stored hash, so a password change in the ledger invalidates it at once. The MAC is
+keyed BLAKE2b (RFC 7693's keyed mode): a fifth of HMAC-SHA256's cost on every AUTH.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import secrets
 import time
 from collections.abc import Callable
@@ -84,24 +84,33 @@ class Authenticator:
         return principal
 
     async def _check(self, username: str, password: str, client_ip: str | None) -> Principal | None:
-        credential = await self._directory.credential(username) if username else None
+        directory = self._directory
+        credential = None
+        if username:  # (the mirrored record when there is one: no coroutine to await)
+            credential = directory.credentials.get(username) or await directory.credential(username)
         if credential is None or credential.disabled:
             await self._burn_time(password)  # same cost as a wrong password: no user probing
             return None
-        if not await self._password_ok(username, password, credential.password_hash):
+        tag = hashlib.blake2b(
+            password.encode("utf-8", "replace"), key=self._pepper, digest_size=32
+        ).digest()
+        key = (username, tag, credential.password_hash)
+        if key not in self._verified and not await self._password_ok(key, password):
             return None
         if not is_ip_allowed(client_ip, credential.allowed_ips):
             return None
-        account = await self._directory.account(credential.account_id)
+        account_id = credential.account_id
+        account = directory.accounts.get(account_id) or await directory.account(account_id)
         if account is None or account.disabled:
             return None
-        return Principal(username=username, account_id=credential.account_id)
+        return Principal(username=username, account_id=account_id)
 
-    async def _password_ok(self, username: str, password: str, password_hash: str) -> bool:
-        tag = hmac.new(self._pepper, password.encode("utf-8", "replace"), hashlib.sha256).digest()
-        key = (username, tag, password_hash)
+    async def _password_ok(self, key: tuple[str, bytes, str], password: str) -> bool:
+        """Verify ``password`` against the hash in ``key`` (``(username, MAC of the
+        password, stored hash)``) and remember a success under ``key``."""
         if key in self._verified:
             return True
+        password_hash = key[2]
         # A burst of connections with one credential (AMS after a restart) waits for one
         # scrypt instead of running one each (CPU, and 16 MiB of memory per scrypt).
         pending = self._verifying.get(key)

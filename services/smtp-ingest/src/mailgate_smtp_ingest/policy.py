@@ -124,6 +124,8 @@ class FailureThrottle:
             self._failures.pop(next(iter(self._failures)))
 
     def is_blocked(self, key: str, now: float) -> bool:
+        if key not in self._failures and self.limit > 0:  # (nearly every AUTH: no failures)
+            return False
         return len(self._recent(key, now)) >= self.limit
 
 

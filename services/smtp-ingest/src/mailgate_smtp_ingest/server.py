@@ -13,6 +13,7 @@ import collections
 import inspect
 import logging
 import math
+import operator
 import re
 from base64 import b64decode
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import (
     BOGUS_LIMIT,
+    MISSING,
     SMTP,
     Session,
     TLSSetupException,
@@ -35,6 +37,8 @@ from .replies import Reply, TransientError
 
 if TYPE_CHECKING:
     import ssl
+
+    from prometheus_client import Gauge
 
     from .handlers import IngestHandler
 
@@ -59,6 +63,16 @@ _TLS_EXTRA = ("sslcontext", "peercert", "cipher", "compression", "ssl_object")
 _DATA_READ_LIMIT = 256 * 1024
 #: aiosmtpd's logger (app.py sets it to WARNING: it logs every command at INFO).
 _WIRE_LOG = logging.getLogger("mail.log")
+#: Replies sent on every connection, ready to write (the text ``push`` would make of them).
+_AUTH_OK = f"{replies.AUTH_OK}\r\n".encode()
+_BYE = b"221 2.0.0 Bye\r\n"
+#: Command line limits after EHLO (SIZE=, SMTPUTF8, BODY= params); other commands: the default.
+_MAIL_LIMITS = {"MAIL": 1024, "RCPT": 1024}
+_COMMAND_SIZE_LIMIT = SMTP.command_size_limit
+
+
+def _command_size_limit() -> int:
+    return _COMMAND_SIZE_LIMIT
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,10 @@ class _MethodTables:
 
     smtp: tuple[str, ...]
     """``smtp_*`` attribute names of the protocol."""
+    commands: tuple[str, ...]
+    """The commands of ``smtp`` (the names without ``smtp_``), in the same order."""
+    smtp_getter: operator.attrgetter[Any]
+    """``smtp``'s bound methods in one call (a tuple, in ``smtp``'s order)."""
     auth: tuple[tuple[str, str, bool], ...]
     """``(mechanism, attribute name, on the protocol itself)`` in aiosmtpd's order."""
     hooks: dict[str, Any]
@@ -93,8 +111,11 @@ class _MethodTables:
             for name, method in inspect.getmembers(obj)
             if name.startswith("auth_")
         )
+        smtp = tuple(name for name in dir(protocol) if name.startswith("smtp_"))
         return cls(
-            smtp=tuple(name for name in dir(protocol) if name.startswith("smtp_")),
+            smtp=smtp,
+            commands=tuple(name.replace("smtp_", "") for name in smtp),
+            smtp_getter=operator.attrgetter(*smtp),
             auth=auth,
             hooks=dict(protocol._handle_hooks),
             ehlo_hook_ver=protocol._ehlo_hook_ver,
@@ -113,11 +134,19 @@ class Intake:
         self.sessions: set[MailgateSMTP] = set()
         self.draining = False
         self.max_connections_per_ip = max_connections_per_ip
-        self._per_ip: collections.Counter[str] = collections.Counter()
+        self._per_ip: dict[str, int] = {}  # (a dict: Counter's missing-key path is Python)
         self._in_data = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self.method_tables: dict[tuple[type[SMTP], object], _MethodTables] = {}
+        #: EHLO replies by (hostname, size limit, STARTTLS offered, AUTH offered).
+        self.ehlo_replies: dict[tuple[str, int, bool, bool], bytes] = {}
+
+    def count_sessions_in(self, gauge: Gauge) -> None:
+        """Report the open sessions through ``gauge``, read when it is scraped (instead of
+        an increment and a decrement, each under the metric's lock, per connection)."""
+        sessions = self.sessions
+        gauge.set_function(lambda: len(sessions))
 
     @property
     def in_data(self) -> int:
@@ -127,16 +156,20 @@ class Intake:
         """Count a new connection from ``ip``; ``False`` (not counted) when it has too many."""
         if ip is None:
             return True
-        if 0 < self.max_connections_per_ip <= self._per_ip[ip]:
+        count = self._per_ip.get(ip, 0)
+        if 0 < self.max_connections_per_ip <= count:
             return False
-        self._per_ip[ip] += 1
+        self._per_ip[ip] = count + 1
         return True
 
     def release(self, ip: str | None) -> None:
-        if ip is not None and self._per_ip[ip] > 0:
-            self._per_ip[ip] -= 1
-            if not self._per_ip[ip]:
-                del self._per_ip[ip]
+        if ip is None:
+            return
+        count = self._per_ip.get(ip, 0)
+        if count > 1:
+            self._per_ip[ip] = count - 1
+        elif count == 1:
+            del self._per_ip[ip]
 
     def enter_data(self) -> None:
         self._in_data += 1
@@ -248,9 +281,7 @@ class MailgateSMTP(SMTP):
             )
         # aiosmtpd keeps these limits in a class-level dict shared by every connection and
         # grows it on each EHLO; an instance dict sized for SIZE=/SMTPUTF8/BODY= params.
-        self.command_size_limits = collections.defaultdict(
-            lambda: SMTP.command_size_limit, {"MAIL": 1024, "RCPT": 1024}
-        )
+        self.command_size_limits = collections.defaultdict(_command_size_limit, _MAIL_LIMITS)
         self.intake = intake
         self.metrics = metrics
         self.max_message_size = max_message_size
@@ -260,6 +291,8 @@ class MailgateSMTP(SMTP):
         self._released = False
         self._idle_deadline = 0.0
         self._timer_due = math.inf  # when the armed idle timer fires (inf: none armed)
+        self._quit = False  # QUIT answered: our command loop ends after the command
+        self._own_loop = False  # the command loop is ours (not aiosmtpd's, see _handle_client)
 
     def _init_like_aiosmtpd(
         self,
@@ -310,31 +343,37 @@ class MailgateSMTP(SMTP):
         }
         self._handle_hooks = dict(tables.hooks)
         self._ehlo_hook_ver = tables.ehlo_hook_ver
-        self._smtp_methods = {
-            name.replace("smtp_", ""): getattr(self, name) for name in tables.smtp
-        }
+        self._smtp_methods = dict(zip(tables.commands, tables.smtp_getter(self), strict=True))
         self._enforce_call_limit = False
 
     # --- connection bookkeeping ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.transport is None:  # a new connection (STARTTLS calls this again)
-            peer = transport.get_extra_info("peername")
-            ip = str(peer[0]) if isinstance(peer, tuple) and peer else None
-            if not self.intake.admit(ip):  # slowloris: one address cannot hold every slot
-                self._refused = True
-                self.metrics.rejected.labels(replies.TOO_MANY_CONNECTIONS.reason).inc()
-                if isinstance(transport, asyncio.WriteTransport):
-                    transport.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())
-                transport.close()
-                return
-            self._admitted_ip = ip
-        super().connection_made(transport)
-        if self not in self.intake.sessions:
-            self.intake.sessions.add(self)
-            self.metrics.sessions.inc()
-            if self._handler_coroutine is not None:
-                self._handler_coroutine.add_done_callback(self._handler_done)
+        if self.transport is not None:  # (aiosmtpd's STARTTLS calls this again; ours does not)
+            super().connection_made(transport)
+            return
+        peer = transport.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        if not self.intake.admit(ip):  # slowloris: one address cannot hold every slot
+            self._refused = True
+            self.metrics.rejected.labels(replies.TOO_MANY_CONNECTIONS.reason).inc()
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())
+            transport.close()
+            return
+        self._admitted_ip = ip
+        # aiosmtpd's connection_made for a new connection, with the peer address asked once
+        # (a getpeername system call under uvloop).
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        session = self.session = self._create_session()
+        session.peer = peer
+        self._reset_timeout()
+        asyncio.StreamReaderProtocol.connection_made(self, transport)
+        self.transport = transport
+        _WIRE_LOG.info("Peer: %r", peer)
+        task = self._handler_coroutine = self.loop.create_task(self._handle_client())
+        self.intake.sessions.add(self)
+        task.add_done_callback(self._handler_done)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused or self._released:  # (a failed STARTTLS reports its loss itself)
@@ -343,14 +382,13 @@ class MailgateSMTP(SMTP):
         self._admitted_ip = None
         if self in self.intake.sessions:
             self.intake.sessions.discard(self)
-            self.metrics.sessions.dec()
         super().connection_lost(error)
         task = self._handler_coroutine
         if task is None or task.done():  # (QUIT: the command loop ended first)
             self._release_references()
 
     def _handler_done(self, _task: asyncio.Task[None]) -> None:
-        if self.transport is None:  # connection_lost came first (it cancels the loop)
+        if self.transport is None and not self._released:  # connection_lost came first
             self._release_references()
 
     def _release_references(self) -> None:
@@ -402,8 +440,22 @@ class MailgateSMTP(SMTP):
             status = str(status)
         if isinstance(status, str):
             status = self._with_enhanced_code(status).encode()  # SMTPUTF8 on: UTF-8
-        self._writer.write(status + b"\r\n")
-        await self._writer.drain()
+        await self._send(status + b"\r\n")
+
+    async def _send(self, line: bytes) -> None:
+        """Write one finished reply (CRLF included). ``StreamWriter.drain`` runs only when
+        it has something to do (the transport paused writing or is closing, the connection
+        is lost, the reader failed); otherwise it would return at once, after two coroutine
+        frames per reply."""
+        writer = self._writer
+        writer.write(line)
+        if (  # (the attributes behind asyncio's properties: no call for each)
+            self._paused  # type: ignore[attr-defined]  # (asyncio's FlowControlMixin)
+            or self._connection_lost  # type: ignore[attr-defined]
+            or writer._transport.is_closing()  # type: ignore[attr-defined]
+            or self._reader._exception is not None  # type: ignore[attr-defined]
+        ):
+            await writer.drain()
 
     def _with_enhanced_code(self, status: str) -> str:
         """RFC 2034: every reply (but greeting, HELO/EHLO, 334/354) carries x.y.z."""
@@ -467,13 +519,15 @@ class MailgateSMTP(SMTP):
         ):
             await super()._handle_client()
             return
+        self._own_loop = True
         reader = self._reader
         assert self.session is not None and reader is not None
         session: Session = self.session
         methods = self._smtp_methods
-        await self.push(f"220 {self.hostname} {self.__ident__}")
+        await self._send(f"220 {self.hostname} {self.__ident__}\r\n".encode())
         bogus_budget = BOGUS_LIMIT
-        while self.transport is not None:
+        wire_log = _WIRE_LOG.isEnabledFor(logging.INFO)  # (a level change: next connection)
+        while self.transport is not None and not self._quit:
             try:
                 try:
                     line: bytes = await reader.readuntil()
@@ -482,7 +536,7 @@ class MailgateSMTP(SMTP):
                     await self.push("500 Command line too long")
                     continue
                 line = line.rstrip(b"\r\n")
-                if _WIRE_LOG.isEnabledFor(logging.INFO):
+                if wire_log:
                     sanitized_log(_WIRE_LOG.info, "%r >> %r", session.peer, line)
                 if not line:
                     await self.push("500 Error: bad syntax")
@@ -498,7 +552,7 @@ class MailgateSMTP(SMTP):
                 assert self.session is not None
                 session = self.session  # (STARTTLS makes a new one)
                 max_size = (
-                    self.command_size_limits[command]
+                    self.command_size_limits.get(command, _COMMAND_SIZE_LIMIT)
                     if session.extended_smtp
                     else self.command_size_limit
                 )
@@ -591,6 +645,15 @@ class MailgateSMTP(SMTP):
         assert self.session is not None
         self.session.extended_smtp = True
         self.session.host_name = hostname
+        starttls = self.tls_context is not None and not self.is_tls
+        auth = self.is_tls or not self._auth_require_tls
+        key = (self.hostname, self.max_message_size, starttls, auth)
+        reply = self.intake.ehlo_replies.get(key)
+        if reply is None:
+            reply = self.intake.ehlo_replies[key] = self._ehlo_reply(starttls=starttls, auth=auth)
+        await self._send(reply)
+
+    def _ehlo_reply(self, *, starttls: bool, auth: bool) -> bytes:
         lines = [
             self.hostname,
             f"SIZE {self.max_message_size}",
@@ -599,12 +662,32 @@ class MailgateSMTP(SMTP):
             "PIPELINING",
             "ENHANCEDSTATUSCODES",
         ]
-        if self.tls_context is not None and not self.is_tls:
+        if starttls:
             lines.append("STARTTLS")
-        if self.is_tls or not self._auth_require_tls:
+        if auth:
             lines.append("AUTH PLAIN LOGIN")
         text = "\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}"
-        await self.push(text.encode())
+        return f"{text}\r\n".encode()
+
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        """aiosmtpd's QUIT; under our command loop the loop ends by itself after the reply
+        instead of being cancelled (a CancelledError thrown through it on every connection)."""
+        if arg:
+            await self.push("501 Syntax: QUIT")
+            return
+        status = await self._call_handler_hook("QUIT")
+        if status is MISSING:
+            await self._send(_BYE)
+        else:
+            await self.push(status)
+        if self._own_loop:
+            self._quit = True
+        else:
+            assert self._handler_coroutine is not None
+            self._handler_coroutine.cancel()
+        assert self.transport is not None
+        self.transport.close()
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str | None) -> None:
@@ -665,7 +748,8 @@ class MailgateSMTP(SMTP):
         if not arg:
             await self.push("501 5.5.4 Syntax: AUTH <mechanism>")
             return
-        if self.event_handler.auth_blocked(self.client_ip):
+        client_ip = self.client_ip
+        if self.event_handler.auth_blocked(client_ip):
             await self.refuse_and_close(replies.AUTH_THROTTLED)
             return
         args = arg.split()
@@ -684,7 +768,7 @@ class MailgateSMTP(SMTP):
             return  # the reply was sent while reading
         username, password = pair
         try:
-            principal = await self.event_handler.authenticate(username, password, self.client_ip)
+            principal = await self.event_handler.authenticate(username, password, client_ip)
         except TransientError:
             await self.push(str(replies.AUTH_TEMPORARY))
             return
@@ -693,7 +777,7 @@ class MailgateSMTP(SMTP):
             return
         self.session.authenticated = True
         self.session.auth_data = principal  # type: ignore[assignment]  # (typed None there)
-        await self.push(str(replies.AUTH_OK))
+        await self._send(_AUTH_OK)
 
     async def _initial_response(self, text: str) -> bytes | None:
         if text == "=":  # RFC 4954: an empty initial response
