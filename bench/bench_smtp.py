@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -297,7 +298,26 @@ def _is_ready(ops_port: int) -> str:
         return str(exc)
 
 
-async def _ready(ops_port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+def _free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free ports: worker ``i`` serves ops on ``first + i``."""
+    for _ in range(50):
+        first = free_port()
+        probes: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                probes.append(probe)
+                probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+        return first
+    raise RuntimeError(f"no run of {count} free ports found")
+
+
+async def _ready(ops_port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
@@ -485,7 +505,7 @@ async def run(opts: Options) -> list[Row]:
         postfix: Postfix | None = None
         try:
             await _put_credential(nats_server.url)
-            smtp_port, ops_port, bare_port = free_port(), free_port(), free_port()
+            smtp_port, ops_port, bare_port = free_port(), _free_port_run(workers), free_port()
             env = {
                 "NATS_URL": nats_server.url,
                 "DOMAIN": DOMAIN,
