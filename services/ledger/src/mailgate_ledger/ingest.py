@@ -275,7 +275,9 @@ FROM unnest($1::text[]) AS w(id),
 # batches left pending marked emitted or, for a repeated once-per-message outcome, kept as
 # history only (``$8``: a JSON array of {e: event id, m: mailgate id, c: campaign id,
 # r: repeated}), the status events they produce into the outbox and the messages' status
-# advanced: one statement.
+# advanced: one statement. The same UPDATE of ``messages`` gives a message the Postal id its
+# Postal facts name when it has none yet (``$9``/``$10``; NULL status and rank when only
+# that): one statement and one new row version instead of two.
 #
 # The facts come as ONE JSON array of rows (``_NewFact.row``), not eleven arrays: asyncpg
 # encodes an array element by element in Python-level code (type checks per element), which
@@ -296,9 +298,17 @@ WITH facts AS (
     FROM json_to_recordset($8::text::json) AS v(e text, m text, c text, r boolean)
     WHERE events.mailgate_id = v.m AND events.event_id = v.e AND events.status_pending
 ), advanced AS (
-    UPDATE messages m SET status = v.status, status_rank = v.rnk, updated_at = now()
-    FROM unnest($2::text[], $3::text[], $4::int[]) AS v(id, status, rnk)
-    WHERE m.mailgate_id = v.id AND m.status_rank < v.rnk
+    UPDATE messages m SET
+        status = CASE WHEN m.status_rank < v.rnk THEN v.status ELSE m.status END,
+        status_rank = GREATEST(m.status_rank, v.rnk),
+        postal_id = CASE WHEN m.postal_id IS NULL THEN v.pid ELSE m.postal_id END,
+        postal_token = CASE WHEN m.postal_id IS NULL AND v.pid IS NOT NULL
+                            THEN COALESCE(m.postal_token, v.tok) ELSE m.postal_token END,
+        updated_at = now()
+    FROM unnest($2::text[], $3::text[], $4::int[], $9::bigint[], $10::text[])
+         AS v(id, status, rnk, pid, tok)
+    WHERE m.mailgate_id = v.id
+      AND (m.status_rank < v.rnk OR (m.postal_id IS NULL AND v.pid IS NOT NULL))
 )
 INSERT INTO outbox (subject, msg_id, payload)
 SELECT * FROM unnest($5::text[], $6::text[], $7::bytea[])
@@ -326,19 +336,19 @@ ON CONFLICT (mailgate_id) DO UPDATE SET
     updated_at   = now()
 """
 
-SQL_LINK_POSTAL_FACTS = """
+# The message rows of a batch's mail.* facts (SQL_UPSERT_MESSAGES) and, in the same
+# statement, the facts recorded earlier under a Postal id only linked to their message by its
+# mail.submitted (``$2``/``$3``; empty arrays when the batch has none): one round trip.
+SQL_UPSERT_AND_LINK = (
+    "WITH upserted AS (\n"
+    + SQL_UPSERT_MESSAGES
+    + """)
 UPDATE events SET mailgate_id = v.mid
-FROM unnest($1::bigint[], $2::text[]) AS v(pid, mid)
+FROM unnest($2::bigint[], $3::text[]) AS v(pid, mid)
 WHERE events.postal_id = v.pid AND events.mailgate_id IS NULL AND events.status_pending
 RETURNING events.mailgate_id
 """
-
-SQL_SET_POSTAL_IDS = """
-UPDATE messages m SET postal_id = v.pid, postal_token = COALESCE(m.postal_token, v.tok),
-                      updated_at = now()
-FROM unnest($1::text[], $2::bigint[], $3::text[]) AS v(mid, pid, tok)
-WHERE m.mailgate_id = v.mid AND m.postal_id IS NULL
-"""
+)
 
 SQL_BY_POSTAL_ID = "SELECT postal_id, mailgate_id FROM messages WHERE postal_id = ANY($1::bigint[])"
 
@@ -714,10 +724,10 @@ class Ingestor:
             result.duplicates += len(unique) - len(new)
             if new:
                 await self._find_messages(conn, new)
-                linked = await self._apply_mail_facts(conn, new)
+                linked, postal_ids = await self._apply_mail_facts(conn, new)
                 result.dead_letters = await self._insert_dead_letters(conn, new)
                 await self._upsert_postmaster(conn, new)
-                await self._write_facts(conn, new, linked, result)
+                await self._write_facts(conn, new, linked, postal_ids, result)
             await turn.before_commit()
         for item in new:
             self._metrics.events.labels(item.event.subject()).inc()
@@ -770,9 +780,13 @@ class Ingestor:
                 assert isinstance(event, TrackOpen | TrackClick)
                 item.mailgate_id = by_pair.get((event.external_id, event.campaign_id))
 
-    async def _apply_mail_facts(self, conn: Conn, items: list[Item]) -> set[str]:
+    async def _apply_mail_facts(
+        self, conn: Conn, items: list[Item]
+    ) -> tuple[set[str], dict[str, tuple[int, str | None]]]:
         """Create or complete message rows from mail.* facts; return the mailgate ids of
-        facts recorded earlier under a Postal id only and linked to their message now."""
+        facts recorded earlier under a Postal id only and linked to their message now, and
+        the Postal id (and token) the batch's Postal facts name for their message (written
+        by ``SQL_WRITE_FACTS`` where the message has none yet)."""
         upserts: list[tuple[Any, ...]] = []
         submitted: dict[int, str] = {}
         postal_ids: dict[str, tuple[int, str | None]] = {}
@@ -786,14 +800,14 @@ class Ingestor:
                 postal_ids[item.mailgate_id] = (item.postal_id, event.postal_token)
         linked: set[str] = set()
         if upserts:
-            await conn.execute(
-                SQL_UPSERT_MESSAGES, msgspec.json.encode(merge_message_rows(upserts)).decode()
-            )
-        if submitted:
             rows = await conn.fetch(
-                SQL_LINK_POSTAL_FACTS, list(submitted), list(submitted.values())
+                SQL_UPSERT_AND_LINK,
+                msgspec.json.encode(merge_message_rows(upserts)).decode(),
+                list(submitted),
+                list(submitted.values()),
             )
             linked.update(r["mailgate_id"] for r in rows)
+        if submitted:
             for item in items:  # this batch's facts known by that Postal id only
                 if (
                     item.mailgate_id is None
@@ -801,14 +815,7 @@ class Ingestor:
                     and item.postal_id in submitted
                 ):
                     item.mailgate_id = submitted[item.postal_id]
-        if postal_ids:
-            await conn.execute(
-                SQL_SET_POSTAL_IDS,
-                list(postal_ids),
-                [p for p, _ in postal_ids.values()],
-                [t for _, t in postal_ids.values()],
-            )
-        return linked
+        return linked, postal_ids
 
     async def _insert_dead_letters(self, conn: Conn, items: list[Item]) -> int:
         rows = []
@@ -843,7 +850,12 @@ class Ingestor:
             await conn.execute(SQL_UPSERT_POSTMASTER_DAILY, *_columns(rows, _POSTMASTER_COLUMNS))
 
     async def _write_facts(
-        self, conn: Conn, new: list[Item], linked: set[str], result: Committed
+        self,
+        conn: Conn,
+        new: list[Item],
+        linked: set[str],
+        postal_ids: dict[str, tuple[int, str | None]],
+        result: Committed,
     ) -> None:
         """Insert the new facts and turn every fact whose message row exists into its status
         event in the outbox, in (occurred_at, event_id) order: the batch's facts and the
@@ -940,16 +952,21 @@ class Ingestor:
             if status in SUPPRESSING_STATUSES:
                 key = (message["account_id"], normalize_email(message["recipient"]))
                 suppress.setdefault(key, status)
+        # One row per message whose status advances or that learns its Postal id.
+        updated = list(best) + [mid for mid in postal_ids if mid not in best]
+        no_postal_id: tuple[int | None, str | None] = (None, None)
         inserted = await conn.fetch(
             SQL_WRITE_FACTS,
             msgspec.json.encode([fact.row() for fact in facts]).decode(),
-            list(best),
-            list(best.values()),
-            [rank(s) for s in best.values()],
+            updated,
+            [best.get(mid) for mid in updated],
+            [rank(best[mid]) if mid in best else None for mid in updated],
             subjects,
             msg_ids,
             payloads,
             msgspec.json.encode(list(earlier.values())).decode(),
+            [postal_ids.get(mid, no_postal_id)[0] for mid in updated],
+            [postal_ids.get(mid, no_postal_id)[1] for mid in updated],
         )
         sent = {msg_id: i for i, msg_id in enumerate(msg_ids)}
         for r in inserted:

@@ -1,8 +1,9 @@
 """Transactional outbox: status events are committed with their facts, then published.
 
 The batch handler hands the rows it just committed to ``submit`` (published in the
-background, at most ``max_inflight`` batches at once, so a slow NATS slows intake instead of
-growing memory); ``run`` republishes rows a crash (or a NATS outage) left unpublished.
+background together with the rows other batches committed meanwhile, at most
+``max_inflight`` batches' worth at once, so a slow NATS slows intake instead of growing
+memory); ``run`` republishes rows a crash (or a NATS outage) left unpublished.
 ``Nats-Msg-Id`` is the status event id, so JetStream drops a second publish within its
 duplicate window and receivers de-duplicate on ``webhook-id`` beyond it.
 
@@ -62,6 +63,12 @@ def _campaign_of(payload: bytes) -> str:
         return ""
 
 
+#: How long published rows wait to be marked together (``published_at``, one statement and
+#: one commit for all). No wait by default: the rows published while a mark runs go in the next
+#: one, and a status on STATUS is marked published as soon as before. (A row published and
+#: not yet marked when the process dies is republished after the outbox's grace period, and
+#: JetStream drops the duplicate.)
+MARK_LINGER_S = 0.0
 #: Status events per JetStream atomic batch (the server accepts up to 1,000).
 ATOMIC_BATCH_MAX = 256
 #: JetStream's refusals of an atomic batch: one of its message ids is stored already (a
@@ -241,6 +248,18 @@ class OutboxRow:
 
 
 class Outbox:
+    """Publishes committed status events (``submit``) and republishes what is left (``run``).
+
+    Rows submitted while a publish is out wait for it and then go together (at most
+    ``max_publishing`` publishes at once, each up to ``max_rows_per_publish`` rows): the
+    batches of several streams committed close together cost one atomic batch, one PubAck
+    and one store for JetStream, not one each. Marks are coalesced too (one ``UPDATE`` and
+    one commit at a time, for every row published meanwhile and over ``mark_linger_s``,
+    instead of one per batch); a mark that is lost (a crash, Postgres down) only means a
+    republish after ``grace_s``, which JetStream's de-duplication drops. ``submit`` waits while
+    ``max_inflight`` batches' worth of rows is queued or out, so a slow NATS slows intake
+    instead of growing memory."""
+
     def __init__(
         self,
         pool: asyncpg.Pool,
@@ -251,6 +270,9 @@ class Outbox:
         grace_s: float = 5.0,
         max_inflight: int = 8,
         nc: NatsClient | None = None,
+        max_publishing: int = 1,
+        max_rows_per_publish: int = 4 * ATOMIC_BATCH_MAX,
+        mark_linger_s: float = MARK_LINGER_S,
     ) -> None:
         self._pool = pool
         self._js = js
@@ -258,8 +280,21 @@ class Outbox:
         self._metrics = metrics
         self._interval_s = interval_s
         self._grace_s = grace_s
-        self._slots = asyncio.Semaphore(max_inflight)
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._max_rows = max_inflight * ATOMIC_BATCH_MAX
+        self._max_publishing = max(1, max_publishing)
+        self._rows_per_publish = max(1, max_rows_per_publish)
+        self._queue: list[OutboxRow] = []
+        self._held = 0  # rows queued or being published
+        self._room = asyncio.Event()
+        self._publishing = 0  # publishes out
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._to_mark: list[int] = []
+        self._marking = False
+        self._mark_linger_s = mark_linger_s
+        self.publishes = 0
+        """Publishes of submitted rows so far (each one atomic batch or pipelined set)."""
+        self.marks = 0
+        """``published_at`` updates of submitted rows so far."""
 
     async def _publish_one(self, row: OutboxRow) -> bool:
         try:
@@ -310,42 +345,73 @@ class Outbox:
         results = await asyncio.gather(*(one(r) for r in rows))
         return [i for i in results if i is not None]
 
-    async def publish_committed(self, rows: Sequence[OutboxRow]) -> None:
-        """Publish rows just committed by a batch; leave failures to the background loop."""
-        if not rows:
-            return
-        done = await self._publish(rows)
-        if not done:
-            return
+    async def _mark(self, ids: list[int]) -> None:
         try:
             await self._pool.execute(
-                "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", done
+                "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", ids
             )
         except Exception as exc:  # republished later; JetStream de-duplicates
-            log.warning("outbox mark failed", error=str(exc), count=len(done))
+            log.warning("outbox mark failed", error=str(exc), count=len(ids))
 
     async def submit(self, rows: Sequence[OutboxRow]) -> None:
-        """Publish committed rows in the background; waits while too many batches are out."""
+        """Publish committed rows in the background (with what else is waiting); waits
+        while too many rows are queued or out."""
         if not rows:
             return
-        await self._slots.acquire()
+        while self._held >= self._max_rows:
+            self._room.clear()
+            await self._room.wait()
+        self._queue.extend(rows)
+        self._held += len(rows)
+        self._start_publishes()
 
-        async def publish() -> None:
-            try:
-                await self.publish_committed(rows)
-            except Exception as exc:  # the background loop republishes them
-                log.warning("outbox publish failed", error=repr(exc), count=len(rows))
-            finally:
-                self._slots.release()
+    def _start_publishes(self) -> None:
+        while self._queue and self._publishing < self._max_publishing:
+            rows = self._queue[: self._rows_per_publish]
+            del self._queue[: self._rows_per_publish]
+            self._publishing += 1
+            task = asyncio.create_task(self._publish_queued(rows), name="ledger:outbox-publish")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-        task = asyncio.create_task(publish(), name="ledger:outbox-publish")
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+    async def _publish_queued(self, rows: list[OutboxRow]) -> None:
+        """Publish ``rows``, let the next publish start, then mark what is published: at
+        once, as one batch's publish did, unless a mark is running (that one takes them)."""
+        done: list[int] = []
+        try:
+            self.publishes += 1
+            done = await self._publish(rows)
+        except Exception as exc:  # the background loop republishes them
+            log.warning("outbox publish failed", error=repr(exc), count=len(rows))
+        finally:
+            self._publishing -= 1
+            self._held -= len(rows)
+            self._room.set()
+            self._start_publishes()
+        if not done:
+            return
+        self._to_mark += done
+        if self._marking:
+            return
+        self._marking = True
+        try:
+            while self._to_mark:
+                if self._mark_linger_s > 0:
+                    await asyncio.sleep(self._mark_linger_s)
+                ids, self._to_mark = self._to_mark, []
+                self.marks += 1
+                await self._mark(ids)
+        finally:
+            self._marking = False
 
     async def drain(self, timeout_s: float = 10.0) -> None:
-        """Wait for the background publishes in flight (on shutdown)."""
-        if self._inflight:
-            await asyncio.wait(set(self._inflight), timeout=timeout_s)
+        """Wait for the publishes and marks in flight (on shutdown)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._tasks:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            await asyncio.wait(set(self._tasks), timeout=left)
 
     async def flush_pending(self, limit: int = 500) -> int:
         """Publish rows older than the grace period still unpublished; return how many."""

@@ -1,25 +1,37 @@
-"""The ledger's pull consumers: ``PullWorker`` with a leaner fetch.
+"""The ledger's pull consumers: ``PullWorker`` with a leaner fetch and standing requests.
 
 nats-py's ``PullSubscription.fetch(n)`` takes each of the n messages with ``next_msg``,
 which makes a uuid, a task and an ``asyncio.wait_for`` per message: about a tenth of the
 ledger's CPU at full ingest. Here one callback subscription (``<inbox>.*``) collects the
-messages of a pull request into a list, and the fetch waits on one event per request.
+delivered messages into a buffer, and a batch is what the buffer holds when a batch slot is
+free (up to ``batch``).
 
-A request is ``{"batch": n, "expires": fetch_timeout, "no_wait": true}``: JetStream then
-waits for a first message (up to ``expires``), delivers what is available up to ``n`` and
-ends the request with a ``404`` status when it has no more (``408`` on expiry), so a
-request never lingers holding messages for later. One request is out at a time; messages
-delivered after a request was given up (a reconnect) are kept for the next fetch. Each
-request's reply subject carries its own token, so a late status of an earlier request
-does not end the current one.
+Pull requests stay open (``fetch_timeout_s``, renewed when they end) and ask for as many
+messages as the worker has room for: ``batch`` per batch slot, minus the messages buffered,
+in hand and already asked for. Below saturation a fact is handed over the moment JetStream
+has it and costs no pull request of its own; in a backlog a batch still fills up as a
+no-wait request's answer did (``_fetch_batch`` waits for what the stream says it has). One
+no-wait request per batch, as before, cost a request and a "no messages" answer per batch:
+with the small batches of a ledger that keeps up, about half a NATS message per mail
+message, and a pull request for nats-server to queue and end each time.
+
+A new request goes out when half the room is free and not yet asked for, or when nothing is
+on its way. JetStream delivers a message with its own subject, not the request's reply
+subject, so the worker counts the messages asked for and not yet arrived over all open
+requests; a request that ends unfilled says so on its reply subject (408 with
+``Nats-Pending-Messages``), a filled one says nothing and is forgotten at its expiry. After a
+reconnect, or an answer without that count, the count starts again from zero (at worst a
+batch more than the room is asked for; ``max_ack_pending`` still bounds it).
 
 Up to ``batches_in_flight`` batches are handled at once (the ledger's handlers declare two:
-the next batch is fetched and started while the one ahead waits for Postgres); a batch is
+the next batch is taken and started while the one ahead waits for Postgres); a batch is
 settled after its handler returned (after the commit), as ``PullWorker`` does, but its acks
 go out as one write (``mailgate_core.nats_wire``: one ``PUB <ack reply> 0`` per message, not
-one nats-py ``publish`` each); naks and terms are sent one by one. The graceful stop and the
-consumer's configuration are ``PullWorker``'s; messages fetched but not handed out when the
-worker stops are nak'ed without delay, so another replica takes them at once.
+one nats-py ``publish`` each); naks and terms are sent one by one. The consumer's
+configuration is ``PullWorker``'s. A graceful stop asks for nothing more, waits (at most
+until their expiry) for the messages its open requests may still bring, lets the batches in
+hand finish and be settled, and naks without delay what was delivered but never handed out,
+so another replica takes it at once.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,24 +58,50 @@ log = structlog.get_logger()
 #: Statuses that end a pull request without an error: no messages, request expired.
 _END_STATUSES = frozenset({"404", "408"})
 _STATUS = "Status"
+#: Past its expiry plus this, a request that never said it ended counts as gone (lost in a
+#: reconnect or a server restart) and its messages are asked for again.
+PULL_GRACE_S = 0.5
+#: The longest the request loop sleeps between looks at expiries and reconnects.
+LOOP_TICK_S = 0.5
+#: After an error answer (consumer deleted, ...), the next request waits this long.
+ERROR_PAUSE_S = 0.5
+#: While a backlog streams in, a batch waits at most this long for its next message.
+TOP_UP_S = 0.005
+#: A stop waits at most this long for what its open requests may still bring (they end at
+#: their expiry, ``fetch_timeout_s``: one second by default).
+STOP_WAIT_S = 2.0
 
 
 class _PullRequest(msgspec.Struct):
     batch: int
     expires: int
-    no_wait: bool
 
 
 _encode_request = msgspec.json.Encoder().encode
 
 
+def _pending_after(reply: str) -> int:
+    """Messages the stream still has for the consumer after this one: ``num_pending`` of a
+    JetStream ack subject (``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.
+    <pending>``, or the form with a domain and an account hash); 0 when not one."""
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        pending = tokens[8]
+    elif len(tokens) >= 11:
+        pending = tokens[10]
+    else:
+        return 0
+    return int(pending) if pending.isdigit() else 0
+
+
 @dataclass
 class LeanPullWorker(PullWorker):
-    """``PullWorker`` fetching through one callback subscription (see the module doc)."""
+    """``PullWorker`` fetching through one callback subscription with standing pull requests
+    (see the module doc)."""
 
     nc: NatsClient | None = None
     batches_in_flight: int | None = None
-    """Batches handled at once: the next batch is fetched and handled while the one ahead
+    """Batches handled at once: the next batch is taken and handled while the one ahead
     waits (for Postgres: round trips, its commit's flush). ``None``: what the handler
     declares in its ``batches_in_flight`` attribute (the ledger's ``CONCURRENT_BATCHES``:
     its batches keep their stream's order themselves), else one."""
@@ -70,11 +109,15 @@ class LeanPullWorker(PullWorker):
     _next_subject: str = field(default="", init=False)
     _tokens: itertools.count[int] = field(default_factory=itertools.count, init=False)
     _buffer: deque[Msg] = field(default_factory=deque, init=False)
-    _reply: str = field(default="", init=False)
-    _wanted: int = field(default=0, init=False)
-    _received: int = field(default=0, init=False)
-    _status: str = field(default="", init=False)
-    _answered: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _open: dict[str, float] = field(default_factory=dict, init=False)
+    """Reply subject of each request that may still bring messages -> when it counts as gone."""
+    _asked: int = field(default=0, init=False)
+    _in_hand: int = field(default=0, init=False)
+    _pause_until: float = field(default=0.0, init=False)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _asker: asyncio.Task[None] | None = field(default=None, init=False)
+    requests_sent: int = field(default=0, init=False)
+    """Pull requests sent so far (a figure for tests and benchmarks)."""
 
     async def start(self) -> None:
         if self.nc is None:
@@ -88,6 +131,7 @@ class LeanPullWorker(PullWorker):
         self._sub = await self.nc.subscribe(
             self._inbox + ".*", cb=self._on_message, pending_msgs_limit=-1
         )
+        self._asker = asyncio.create_task(self._ask_loop(), name=f"pull-ask:{self.durable}")
         self._task = asyncio.create_task(self._run(), name=f"pull:{self.durable}")
 
     async def _on_message(self, msg: Msg) -> None:
@@ -95,13 +139,95 @@ class LeanPullWorker(PullWorker):
         status = headers.get(_STATUS) if headers else None
         if status is None:
             self._buffer.append(msg)
-            self._received += 1
-            if self._received >= self._wanted:
-                self._answered.set()
+            if self._asked > 0:
+                self._asked -= 1
+            self._arrived.set()
             return
-        if msg.subject == self._reply:
-            self._status = status
-            self._answered.set()  # the request ended: no more messages, expired, or refused
+        if status != "100":  # not an idle heartbeat / flow control
+            self._ended(msg.subject, status, headers or {})
+
+    def _ended(self, reply: str, status: str, headers: dict[str, str]) -> None:
+        """A request's end (or refusal) answer on its reply subject."""
+        if self._open.pop(reply, None) is None:
+            return  # a request already forgotten (gone, or before a reconnect)
+        unfilled = headers.get("Nats-Pending-Messages", "")
+        if unfilled.isdigit():
+            self._asked = max(0, self._asked - int(unfilled))
+        else:
+            self._forget_requests()
+        if not self._open:
+            self._asked = 0
+        if status not in _END_STATUSES:  # refused: consumer deleted, too many requests...
+            log.warning(
+                "pull request refused",
+                durable=self.durable,
+                status=status,
+                description=headers.get("Description", ""),
+            )
+            self._pause_until = time.monotonic() + ERROR_PAUSE_S
+        self._room.set()
+        self._arrived.set()  # a stop may be waiting for the open requests to end
+
+    def _forget_requests(self) -> None:
+        self._open.clear()
+        self._asked = 0
+
+    def _capacity(self) -> int:
+        return self.batch * self.batch_slots()
+
+    def _wanted(self) -> int:
+        """Messages to ask for: the room not yet filled, buffered, in hand or asked for."""
+        return self._capacity() - len(self._buffer) - self._in_hand - self._asked
+
+    async def _ask_loop(self) -> None:
+        assert self.nc is not None
+        nc = self.nc
+        # Renew when half the room is free: in a backlog that is a batch per request (two
+        # slots); below saturation a request lasts for half the room's facts.
+        chunk = max(1, self._capacity() // 2)
+        reconnects = nc.stats["reconnects"]
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if nc.stats["reconnects"] != reconnects:  # requests may be gone with the link
+                reconnects = nc.stats["reconnects"]
+                self._forget_requests()
+            for reply, gone_at in list(self._open.items()):
+                if gone_at <= now:  # filled, or lost without an answer
+                    del self._open[reply]
+            if not self._open:
+                self._asked = 0
+            want = self._wanted()
+            # Nothing on its way (no request open, or the open ones filled): ask for any room.
+            if now >= self._pause_until and (want >= chunk or (want > 0 and self._asked == 0)):
+                await self._ask(want)
+                continue
+            self._room.clear()
+            wake_in = min(
+                [LOOP_TICK_S, max(0.0, self._pause_until - now)]
+                + [max(0.0, gone_at - now) for gone_at in self._open.values()]
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wake_in or LOOP_TICK_S):
+                    await self._room.wait()
+
+    async def _ask(self, batch: int) -> None:
+        assert self.nc is not None
+        reply = f"{self._inbox}.{next(self._tokens)}"
+        expires_s = max(0.001, self.fetch_timeout_s)
+        try:
+            await self.nc.publish(
+                self._next_subject,
+                _encode_request(_PullRequest(batch=batch, expires=int(expires_s * 1e9))),
+                reply=reply,
+            )
+        except (nats.errors.Error, OSError) as exc:
+            if not self._stopping.is_set():
+                log.warning("pull request not sent", durable=self.durable, error=str(exc))
+            self._pause_until = time.monotonic() + ERROR_PAUSE_S
+            return
+        self.requests_sent += 1
+        self._open[reply] = time.monotonic() + expires_s + PULL_GRACE_S
+        self._asked += batch
 
     def _take(self, size: int) -> list[Msg]:
         buffer = self._buffer
@@ -111,30 +237,39 @@ class LeanPullWorker(PullWorker):
             return msgs
         return [buffer.popleft() for _ in range(size)]
 
-    async def _pull(self, size: int) -> list[Msg]:
-        if self._buffer:
-            return self._take(size)
-        assert self.nc is not None
-        self._reply = f"{self._inbox}.{next(self._tokens)}"
-        self._wanted = size
-        self._received = 0
-        self._status = ""
-        self._answered.clear()
-        expires_ns = max(1, int(self.fetch_timeout_s * 1e9) - 100_000)
-        await self.nc.publish(
-            self._next_subject,
-            _encode_request(_PullRequest(batch=size, expires=expires_ns, no_wait=True)),
-            reply=self._reply,
-        )
-        with contextlib.suppress(TimeoutError):
-            # The request ends itself by ``expires``; the margin covers a lost answer.
-            async with asyncio.timeout(self.fetch_timeout_s + 1.0):
-                await self._answered.wait()
-        if not self._buffer and self._status and self._status not in _END_STATUSES:
-            # Refused (consumer deleted, no responders...): do not spin on it.
-            log.warning("pull request refused", durable=self.durable, status=self._status)
-            await asyncio.sleep(0.5)
-        return self._take(size)
+    async def _fetch_batch(self) -> list[Msg]:
+        """What the buffer holds (up to ``batch``) once it holds something and nothing more
+        is on its way for this batch; ``[]`` when the worker stops first.
+
+        As a no-wait request did (JetStream delivers what is available, then says "no
+        more"): while the newest message says the stream has more for this consumer
+        (``num_pending`` in its ack subject) and more has been asked for, the batch waits
+        for them, each at most ``TOP_UP_S`` (another replica's request may take them).
+
+        While another batch is in hand, a batch of fewer than ``batch // 4`` facts waits for
+        more until that batch ends: it could not commit before it anyway (a stream's batches
+        commit in the order they were taken), and a trickle otherwise alternates one batch of
+        what came in meanwhile with one of a single fact, a transaction each."""
+        buffer = self._buffer
+        fill = max(1, self.batch // 4)
+        while not self._stopping.is_set():
+            if buffer:
+                if len(buffer) >= self.batch or self._asked == 0:
+                    return self._take(self.batch)
+                more_on_the_way = _pending_after(buffer[-1].reply) > 0
+                if not more_on_the_way and (self._in_hand == 0 or len(buffer) >= fill):
+                    return self._take(self.batch)
+                self._arrived.clear()
+                if more_on_the_way:
+                    try:
+                        async with asyncio.timeout(TOP_UP_S):
+                            await self._arrived.wait()
+                    except TimeoutError:
+                        return self._take(self.batch)
+                    continue
+            self._arrived.clear()
+            await self._arrived.wait()  # a message, a batch ended, or the stop
+        return []
 
     def batch_slots(self) -> int:
         """Batches this worker handles at once."""
@@ -157,6 +292,7 @@ class LeanPullWorker(PullWorker):
                     slots.release()
                     continue
                 # Started now: batches begin in the order they were fetched.
+                self._in_hand += len(msgs)
                 task = asyncio.create_task(self._handle(msgs))
                 handling.add(task)
                 task.add_done_callback(handling.discard)
@@ -165,24 +301,18 @@ class LeanPullWorker(PullWorker):
             if handling:  # the graceful stop: the batches in hand are handled and settled
                 await asyncio.gather(*handling, return_exceptions=True)
 
-    async def _fetch_batch(self) -> list[Msg]:
-        try:
-            return await self._pull(self.batch)
-        except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
-            if not self._stopping.is_set():
-                await asyncio.sleep(0.5)
-        except Exception as exc:  # reconnecting, ...
-            log.warning("fetch failed", durable=self.durable, error=str(exc))
-            await asyncio.sleep(0.5)
-        return []
-
     async def _handle(self, msgs: list[Msg]) -> None:
         try:
-            outcomes: Sequence[Outcome] = await self.handle_batch(msgs)
-        except Exception:
-            log.exception("batch handler crashed", durable=self.durable, size=len(msgs))
-            outcomes = [Nak(backoff_delay(delivery_count(m))) for m in msgs]
-        await self._settle(msgs, outcomes)
+            try:
+                outcomes: Sequence[Outcome] = await self.handle_batch(msgs)
+            except Exception:
+                log.exception("batch handler crashed", durable=self.durable, size=len(msgs))
+                outcomes = [Nak(backoff_delay(delivery_count(m))) for m in msgs]
+            await self._settle(msgs, outcomes)
+        finally:
+            self._in_hand -= len(msgs)
+            self._room.set()
+            self._arrived.set()  # a batch waiting for this one to end may go now
 
     async def _settle(self, msgs: Sequence[Msg], outcomes: Sequence[Outcome]) -> None:
         """Acks in one write; naks and terms one by one. A settle that does not reach the
@@ -215,7 +345,28 @@ class LeanPullWorker(PullWorker):
             except Exception as exc:
                 log.warning("settle failed", subject=msg.subject, error=str(exc))
 
+    async def _await_open_requests(self) -> None:
+        """Wait (at most until their expiry) for what the open requests may still bring."""
+        if not self._open:
+            return
+        deadline = min(max(self._open.values()), time.monotonic() + STOP_WAIT_S)
+        while self._asked > 0 and self._open:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, LOOP_TICK_S)):
+                    await self._arrived.wait()
+
     async def stop(self) -> None:
+        self._stopping.set()
+        self._room.set()
+        self._arrived.set()
+        if self._asker is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._asker
+        await self._await_open_requests()
         await super().stop()
         leftover = list(self._buffer)
         self._buffer.clear()
