@@ -5,8 +5,10 @@ config) every stream, KV bucket and object store, so services can start in any o
 All storage is file-backed; the nats-server we run has ``sync_interval: always`` so a
 publish ack means the event is on disk.
 
-The hot paths that skip nats-py's general publish and request machinery (the ledger's acks
-and STATUS outbox, postal-sender's KV and publishes) use ``nats_wire`` instead.
+The hot paths that skip nats-py's general publish and request machinery use ``nats_wire``
+instead: ``publish_event``/``publish_events`` (through one ``JetStreamRequests`` per
+connection, closed by ``ServiceBase.stop`` before the drain), the ledger's acks and STATUS
+outbox, postal-sender's KV and publishes.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from nats.js.api import (
 )
 from prometheus_client import CollectorRegistry, Gauge
 
+from . import nats_wire  # a cycle: nats_wire raises this module's PublishError
 from .schemas import Event, encode
 
 log = structlog.get_logger()
@@ -175,12 +178,37 @@ class PublishError(Exception):
     """The event could not be made durable; the caller must answer 4xx / nak."""
 
 
-async def publish_event(js: JetStreamContext, event: Event, *, timeout: float = 5.0) -> int:
-    """Publish ``event`` on its subject with ``Nats-Msg-Id = event_id``; return the stream seq.
+def _timeout_s(js: JetStreamContext, timeout: float | None) -> float:
+    """``None``: the JetStream context's own timeout (as ``js.publish`` has it); a timeout
+    that is not positive could never see an ack: PublishError before anything is sent."""
+    if timeout is None:
+        return nats_wire.jetstream_timeout(js)
+    if not timeout > 0:
+        raise PublishError(f"ValueError: publish timeout must be positive, not {timeout!r}")
+    return timeout
 
-    Raises PublishError when JetStream did not acknowledge it (no responders, timeout,
-    stream full): the event is then not durable and the input must not be acknowledged.
+
+async def publish_event(js: JetStreamContext, event: Event, *, timeout: float | None = 5.0) -> int:
+    """Publish ``event`` on its subject with ``Nats-Msg-Id = event_id``; return the stream seq
+    once JetStream acknowledged it (stored, or a duplicate of a stored one: then its seq).
+
+    Raises PublishError when JetStream did not acknowledge it within ``timeout`` seconds (no
+    stream, an API error, timeout, stream full, connection closed or draining): the event is
+    then not durable and the input must not be acknowledged. ``timeout=None`` is the
+    context's own (``nc.jetstream(timeout=...)``); zero or less raises PublishError at once.
+
+    The publish goes out through the connection's shared ``nats_wire.JetStreamRequests``
+    (nats-py's ``js.publish`` once that is closed), with ``js.publish``'s exceptions, which
+    the PublishError's text names: ``"TimeoutError: nats: timeout"``.
     """
+    timeout_s = _timeout_s(js, timeout)
+    requests = nats_wire.connection_requests(js)
+    if requests is not None:
+        return await requests.publish_event(event, timeout_s=timeout_s)
+    return await _publish_through_nats_py(js, event, timeout_s)
+
+
+async def _publish_through_nats_py(js: JetStreamContext, event: Event, timeout: float) -> int:
     try:
         ack = await js.publish(
             event.subject(),
@@ -194,21 +222,23 @@ async def publish_event(js: JetStreamContext, event: Event, *, timeout: float = 
 
 
 async def publish_events(
-    js: JetStreamContext, events: Sequence[Event], *, timeout: float = 5.0
+    js: JetStreamContext, events: Sequence[Event], *, timeout: float | None = 5.0
 ) -> list[int]:
     """Publish every event at once and wait for all of their acks (each within
-    ``timeout``); the stream seqs in order.
+    ``timeout``, as ``publish_event`` takes it); the stream seqs in order.
 
-    The publishes go out back to back and their acks come back together: one round trip
-    for the lot instead of one per event. (Concurrent requests measured cheaper in client
-    CPU than nats-py's ``publish_async``: bench_nats_sync.) Raises PublishError unless
-    JetStream acknowledged every one; some may then be stored, which ``Nats-Msg-Id`` makes
-    harmless for a retry with the same events, and a caller answering 4xx lets the client
-    retry."""
+    The publishes go out back to back (in one write) and their acks come back together: one
+    round trip for the lot instead of one per event. Raises PublishError unless JetStream
+    acknowledged every one; some may then be stored, which ``Nats-Msg-Id`` makes harmless
+    for a retry with the same events, and a caller answering 4xx lets the client retry."""
+    timeout_s = _timeout_s(js, timeout)
+    requests = nats_wire.connection_requests(js)
+    if requests is not None:
+        return await requests.publish_events(events, timeout_s=timeout_s)
     if len(events) == 1:
-        return [await publish_event(js, events[0], timeout=timeout)]
+        return [await _publish_through_nats_py(js, events[0], timeout_s)]
     outcomes = await asyncio.gather(
-        *(publish_event(js, event, timeout=timeout) for event in events),
+        *(_publish_through_nats_py(js, event, timeout_s) for event in events),
         return_exceptions=True,
     )
     for outcome in outcomes:

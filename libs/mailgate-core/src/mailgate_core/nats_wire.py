@@ -8,9 +8,12 @@ command and wakes its flusher, per message; ``request`` also makes a token with 
 answer with ``json`` into a dataclass built by reflection; ``kv.get`` encodes a JSON request
 and base64-decodes the answer twice. On the hot paths that is most of the cost.
 
-Used by the ledger (the acks of a pull batch in one write; the STATUS outbox's pipelined and
-atomic-batch publishes) and by postal-sender (its four JetStream requests per message: KV
-get, KV put, KV create, the ``mail.submitted`` publish).
+Used by every durable event publish (``mailgate_core.nats.publish_event``/``publish_events``:
+smtp-ingest before its 250, webhook-ingest before its 200, tracker, ...) through one instance
+per connection (``connection_requests``), by the ledger (the acks of a pull batch in one
+write; the STATUS outbox's pipelined and atomic-batch publishes) and by postal-sender (its
+four JetStream requests per message: KV get, KV put, KV create, the ``mail.submitted``
+publish).
 
 The parts, from the wire up:
 
@@ -31,10 +34,16 @@ The parts, from the wire up:
   KV bucket's get/put/create (``key_value``) with nats-py's semantics: the same subjects,
   headers and errors (``KeyNotFoundError``, ``KeyWrongLastSequenceError``, ``APIError``
   as ``APIError.from_error`` maps it, ``NoStreamResponseError``, ``TimeoutError``).
+  ``publish_events`` sends several publishes in one write and awaits their acks together.
   A KV get reads from the stream leader (``STREAM.MSG.GET``, not a direct get that a lagging
   replica could answer "not found": for postal-sender the record is the guard against a
   second send), and a create that found the key is left to nats-py (it recreates over a
   delete marker).
+- ``connection_requests(js)``: the ``JetStreamRequests`` shared by the event publishes of one
+  nats-py connection, kept on the client object (made on first use, its reply subscription
+  dies with the connection); ``close_connection_requests(nc)`` (``ServiceBase.stop``, before
+  the drain) waits for the acks still awaited, then unsubscribes; publishes after that, or
+  while the connection drains or is closed, go through nats-py's ``js.publish``.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -51,7 +61,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from .nats import PublishError
+from . import nats as core  # PublishError; a cycle: nats.py routes its publishes here
 from .schemas import Event, encode
 
 Header = tuple[str, str]
@@ -169,13 +179,21 @@ async def write(nc: NatsClient, data: bytes) -> bool:
 async def publish_message(
     nc: NatsClient, subject: str, reply: str, payload: bytes, header: Header | None = None
 ) -> None:
-    """One publish, written directly when it ``fits``, else by nats-py's ``publish`` (which
-    validates what it sends, and buffers or refuses while reconnecting)."""
-    if fits(subject, reply, header) and await write(
-        nc, publish_command(subject, reply, payload, header)
-    ):
-        return
+    """One publish, written directly when it ``fits`` (and is within the server's maximum
+    payload: the server would close the connection), else by nats-py's ``publish`` (which
+    validates what it sends, refuses an oversized payload with ``MaxPayloadError``, and
+    buffers or refuses while reconnecting)."""
+    if fits(subject, reply, header):
+        command = publish_command(subject, reply, payload, header)
+        if within_max_payload(nc, command, subject, reply) and await write(nc, command):
+            return
     await nc.publish(subject, payload, reply=reply, headers=dict([header]) if header else None)
+
+
+def within_max_payload(nc: NatsClient, command: bytes, subject: str, reply: str) -> bool:
+    """Whether a ``publish_command``'s message (headers and payload) fits the server's
+    ``max_payload`` (an approximation from above: the command's length less its subject)."""
+    return len(command) - len(subject) - len(reply) <= nc.max_payload
 
 
 #: Atomic-batch support per server version text (a handful of values at most).
@@ -285,7 +303,8 @@ class Entry(msgspec.Struct, frozen=True):
 class JetStreamRequests:
     """Requests and publishes whose answers come back on one reply subscription (see the
     module docstring). ``start()`` before use (``request`` starts it when needed); ``stop()``
-    fails what still waits with ``ConnectionClosedError``."""
+    fails what still waits with ``ConnectionClosedError``; ``close()`` waits for it first and
+    refuses later requests (``ConnectionClosedError``)."""
 
     def __init__(self, nc: NatsClient, *, timeout_s: float = 10.0):
         self._nc = nc
@@ -295,11 +314,14 @@ class JetStreamRequests:
         self._waiting: dict[str, tuple[asyncio.Future[Msg], asyncio.TimerHandle | None]] = {}
         self._sub: Subscription | None = None
         self._opening = asyncio.Lock()
+        self.closed = False
 
     async def start(self) -> None:
         if self._sub is not None:
             return
         async with self._opening:
+            if self.closed:
+                raise nats.errors.ConnectionClosedError
             if self._sub is None:
                 prefix = self._nc.new_inbox() + "."
                 self._sub = await self._nc.subscribe(
@@ -318,6 +340,16 @@ class JetStreamRequests:
             if not future.done():
                 future.set_exception(nats.errors.ConnectionClosedError())
         self._waiting.clear()
+
+    async def close(self, grace_s: float = 30.0) -> None:
+        """Refuse new requests, wait up to ``grace_s`` for the answers still awaited (each is
+        bounded by its own timeout anyway), then ``stop``: nothing in flight is cut off and the
+        reply subscription is gone before the connection drains."""
+        self.closed = True
+        waiting = [future for future, _ in self._waiting.values() if not future.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=grace_s)
+        await self.stop()
 
     @property
     def in_flight(self) -> int:
@@ -365,10 +397,10 @@ class JetStreamRequests:
         timeout_s: float | None = None,
     ) -> Msg:
         """Send ``payload`` to ``subject`` (with one optional header) and return the answer;
-        ``nats.errors.TimeoutError`` after ``timeout_s`` (default: the instance's)."""
+        ``nats.errors.TimeoutError`` after ``timeout_s`` (``None``: the instance's)."""
         if self._sub is None:
             await self.start()
-        reply, future = self.expect(timeout_s or self.timeout_s)
+        reply, future = self.expect(self.timeout_s if timeout_s is None else timeout_s)
         try:
             await publish_message(self._nc, subject, reply, payload, header)
             return await future
@@ -387,35 +419,156 @@ class JetStreamRequests:
         timeout_s: float | None = None,
     ) -> int:
         """A JetStream publish; the stream sequence once stored (or de-duplicated)."""
-        msg = await self.request(subject, payload, header, timeout_s=timeout_s)
-        headers = msg.headers
-        if headers and headers.get(_STATUS) == _NO_RESPONDERS:
-            raise nats.js.errors.NoStreamResponseError
-        try:
-            ack = decode_pub_ack(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise nats.js.errors.APIError(description=f"unreadable publish ack: {exc}") from exc
-        if ack.error is not None:
-            raise api_error(ack.error)
-        return ack.seq
+        return pub_ack_seq(await self.request(subject, payload, header, timeout_s=timeout_s))
 
     async def publish_event(self, event: Event, *, timeout_s: float = 5.0) -> int:
         """``mailgate_core.nats.publish_event``: ``Nats-Msg-Id = event_id``; PublishError when
-        JetStream did not acknowledge it."""
+        JetStream did not acknowledge it (``request`` and ``publish`` inlined: the hot path of
+        every durable publish)."""
         try:
-            return await self.publish(
-                event.subject(),
-                encode(event),
-                ("Nats-Msg-Id", event.event_id),
-                timeout_s=timeout_s,
-            )
-        except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-            raise PublishError(f"{type(exc).__name__}: {exc}") from exc
+            if self._sub is None:
+                await self.start()
+            reply, future = self.expect(timeout_s)
+            try:
+                await publish_message(
+                    self._nc,
+                    event.subject(),
+                    reply,
+                    encode(event),
+                    ("Nats-Msg-Id", event.event_id),
+                )
+                msg = await future
+            except BaseException:  # not sent, cancelled, timed out (then already forgotten)
+                self.forget(reply)
+                raise
+            return pub_ack_seq(msg)
+        except _PUBLISH_ERRORS as exc:
+            raise core.PublishError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def publish_events(self, events: Sequence[Event], *, timeout_s: float = 5.0) -> list[int]:
+        """``mailgate_core.nats.publish_events``: every event's publish in one write, then
+        their acks awaited together (each within ``timeout_s``); the stream seqs in order.
+        PublishError (the first failure in order, once every answer is in) unless JetStream
+        acknowledged every one."""
+        if len(events) == 1:
+            return [await self.publish_event(events[0], timeout_s=timeout_s)]
+        if not events:
+            return []
+        try:
+            if self._sub is None:
+                await self.start()
+            sends = [
+                (event.subject(), encode(event), ("Nats-Msg-Id", event.event_id))
+                for event in events
+            ]
+            expected = [self.expect(timeout_s) for _ in sends]
+            try:
+                await self._send_all(sends, [reply for reply, _ in expected])
+                answers = await asyncio.gather(
+                    *(future for _, future in expected), return_exceptions=True
+                )
+            except BaseException:
+                for reply, _ in expected:
+                    self.forget(reply)
+                raise
+        except _PUBLISH_ERRORS as exc:
+            raise core.PublishError(f"{type(exc).__name__}: {exc}") from exc
+        seqs: list[int] = []
+        for answer in answers:
+            try:
+                if isinstance(answer, BaseException):
+                    raise answer
+                seqs.append(pub_ack_seq(answer))
+            except BaseException as exc:  # as the gather of single publishes reported it
+                raise core.PublishError(f"{type(exc).__name__}: {exc}") from exc
+        return seqs
+
+    async def _send_all(self, sends: list[tuple[str, bytes, Header]], replies: list[str]) -> None:
+        """The publishes in one write when each fits, else one by one (``publish_message``)."""
+        nc = self._nc
+        commands: list[bytes] = []
+        for (subject, payload, header), reply in zip(sends, replies, strict=True):
+            if not fits(subject, reply, header):
+                break
+            command = publish_command(subject, reply, payload, header)
+            if not within_max_payload(nc, command, subject, reply):
+                break
+            commands.append(command)
+        else:
+            if await write(nc, b"".join(commands)):
+                return
+        for (subject, payload, header), reply in zip(sends, replies, strict=True):
+            await publish_message(nc, subject, reply, payload, header)
 
     def key_value(self, bucket: str, fallback: Any) -> LeanKeyValue:
         """A KV bucket's get/put/create through these requests; ``fallback`` is nats-py's
         ``KeyValue`` of the same bucket (used for the rare create of an existing key)."""
         return LeanKeyValue(self, bucket, fallback)
+
+
+_PUBLISH_ERRORS = (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError)
+"""What a failed JetStream publish raises (``mailgate_core.nats.publish_event`` turns each
+into ``PublishError``, on nats-py's path too)."""
+
+
+def pub_ack_seq(msg: Msg) -> int:
+    """The stream sequence of JetStream's answer to a publish, or what nats-py's
+    ``js.publish`` raises for that answer (``NoStreamResponseError``, ``APIError`` subclasses
+    as ``APIError.from_error`` picks them)."""
+    headers = msg.headers
+    if headers and headers.get(_STATUS) == _NO_RESPONDERS:
+        raise nats.js.errors.NoStreamResponseError
+    try:
+        ack = decode_pub_ack(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise nats.js.errors.APIError(description=f"unreadable publish ack: {exc}") from exc
+    if ack.error is not None:
+        raise api_error(ack.error)
+    return ack.seq
+
+
+# --- one instance per connection, for every event publish ----------------------------------
+
+_CONNECTION_REQUESTS = "_mailgate_jetstream_requests"
+"""The attribute of a nats-py client holding its shared ``JetStreamRequests`` (on the client
+object, so it lives and dies with the connection; no registry to leak from)."""
+
+
+def connection_requests(js: Any) -> JetStreamRequests | None:
+    """The ``JetStreamRequests`` shared by the event publishes on ``js``'s connection (nats-py
+    keeps the client as ``js._nc``), made on first use. ``None`` when the caller must use
+    nats-py's ``js.publish``: ``js`` is not nats-py's ``JetStreamContext``, the connection is
+    closed or draining, or ``close_connection_requests`` closed the instance."""
+    nc = getattr(js, "_nc", None)
+    if nc is None:
+        return None
+    requests: JetStreamRequests | None = getattr(nc, _CONNECTION_REQUESTS, None)
+    if requests is None:
+        if nc.is_closed or nc.is_draining:
+            return None
+        requests = JetStreamRequests(nc)
+        setattr(nc, _CONNECTION_REQUESTS, requests)
+        return requests
+    if requests.closed or nc.is_draining:
+        return None
+    return requests
+
+
+async def close_connection_requests(nc: NatsClient, grace_s: float = 30.0) -> None:
+    """Close ``nc``'s shared ``JetStreamRequests`` (``JetStreamRequests.close``: the acks in
+    flight are awaited, then the reply subscription goes); later event publishes on ``nc``
+    use nats-py's ``js.publish``. Call before draining the connection."""
+    requests: JetStreamRequests | None = getattr(nc, _CONNECTION_REQUESTS, None)
+    if requests is None:
+        requests = JetStreamRequests(nc)  # closed from the start: none is made later
+        setattr(nc, _CONNECTION_REQUESTS, requests)
+    await requests.close(grace_s)
+
+
+def jetstream_timeout(js: Any) -> float:
+    """The default timeout of a nats-py ``JetStreamContext`` (``js.publish(timeout=None)``)."""
+    timeout = getattr(js, "_timeout", None)
+    return float(timeout) if timeout is not None else 5.0
 
 
 class LeanKeyValue:

@@ -16,6 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
+from . import nats_wire
 from .config import BaseSettings
 from .nats import ConsumerLag, PullWorker, connect, provision
 from .ops import Health, add_ops_routes, start_http
@@ -95,5 +96,9 @@ class ServiceBase:
         for worker in self.workers:  # settle the batch in hand
             await worker.stop()
         if self.nc is not None and not self.nc.is_closed:
+            # The event publishes' reply subscription: its acks still awaited come in, then it
+            # goes (a drain would cut them off); a late publish takes nats-py's path.
+            with contextlib.suppress(Exception):
+                await nats_wire.close_connection_requests(self.nc)
             with contextlib.suppress(Exception):
                 await self.nc.drain()
