@@ -1,4 +1,4 @@
-"""postal-sender's cheap paths: unconfirmed acks, the account key cache, eager fetches.
+"""postal-sender's cheap paths: unconfirmed acks, the account key cache; libs' eager fetches.
 
 Acks of ``mail.accepted`` go out without waiting for the server's confirmation (after the
 message's output is durable). A lost ack must only cost a redelivery that the submission
@@ -186,8 +186,9 @@ async def test_a_missing_account_is_not_cached(js, sandbox: PostalSandbox, servi
 
 
 async def test_eager_fetches_hand_over_one_message_at_once_and_top_up_a_backlog(js) -> None:
-    """postal-sender's consumer fetches eagerly (``PullWorker(eager=True)``): a lone message
-    is handled at once although the batch is 64, and a backlog still comes in batches."""
+    """``PullWorker(eager=True)`` (postal-sender's fetches before its standing pull requests,
+    ``mailgate_core.flow``): a lone message is handled at once although the batch is 64, and
+    a backlog still comes in batches."""
     handled: list[tuple[float, int]] = []
 
     async def handle(msgs):

@@ -13,12 +13,12 @@ import socket
 import aiohttp
 import structlog
 from mailgate_core.config import BaseSettings, ConfigError, Secret
+from mailgate_core.flow import FlowWorker
 from mailgate_core.ids import new_ulid
 from mailgate_core.nats import (
     KV_ACCOUNTS,
     KV_SUBMISSIONS,
     OBJECT_STORE_MAIL,
-    PullWorker,
     per_message,
 )
 from mailgate_core.nats_wire import JetStreamRequests
@@ -45,6 +45,8 @@ log = structlog.get_logger()
 DURABLE = "postal-sender"
 FILTER_SUBJECT = "mail.accepted"
 LOCK_KEY = "reconciler"
+#: postal.* events handled at once by the final-marker consumer (a KV put each).
+FINAL_CONCURRENCY = 64
 
 
 class Settings(BaseSettings, frozen=True, kw_only=True):
@@ -56,8 +58,8 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     send_concurrency: int = 32
     """Messages handled at once per replica (shared by SEND_FETCHERS pull loops)."""
     send_fetchers: int = 1
-    """Pull loops on the one durable. Each refills its slots as messages finish (no batch
-    waits for its slowest message), so one is enough; more only add pull requests."""
+    """Pull loops on the one durable. Each keeps standing pull requests for its free slots
+    (no batch waits for its slowest message), so one is enough; more only add requests."""
     postal_max_in_flight: int = 16
     """Requests in flight per Postal server (API key) per replica."""
     postal_rate_per_s: float = 0.0
@@ -172,17 +174,18 @@ async def build(
         Secret(settings.postal_api_key).reveal(),
         cache_s=settings.account_cache_s,
     )
-    # The sender's own KV reads/writes and publishes take the lean path (nats_wire); the
-    # reconciler and the final-marker consumer keep nats-py's (a few per minute).
+    # The sender's own KV reads/writes and publishes and the final markers take the lean path
+    # (nats_wire); the reconciler keeps nats-py's (a few requests per pass and message).
     assert service.nc is not None
     requests = JetStreamRequests(service.nc, timeout_s=10.0)
     await requests.start()
     service.requests = requests
+    lean_pending = requests.key_value(KV_PENDING, pending)
     sender = Sender(
         js=js,
         client=client,
         submissions=requests.key_value(KV_SUBMISSIONS, await js.key_value(KV_SUBMISSIONS)),
-        pending=requests.key_value(KV_PENDING, pending),
+        pending=lean_pending,
         blobs=await js.object_store(OBJECT_STORE_MAIL),
         api_keys=api_keys,
         retry_deadline_s=settings.retry_deadline_s,
@@ -192,15 +195,16 @@ async def build(
         crash_after_submit=settings.mailgate_test_crash_after_submit,
         requests=requests,
     )
-    # Per-message mode: each message is settled as soon as it is handled and a slot is
-    # refilled without waiting for the rest of its batch (no head-of-line blocking, and one
-    # task per message instead of a handler task and a settle task). Several fetchers on the
-    # one durable share SEND_CONCURRENCY.
+    # Per-message mode fed by standing pull requests (mailgate_core.flow): each message is
+    # settled as soon as it is handled and its slot asked for again without waiting for the
+    # rest (no head-of-line blocking), and a message arriving below saturation costs no pull
+    # request and no "no messages" answer of its own. Several fetchers on the one durable
+    # share SEND_CONCURRENCY.
     fetchers = max(1, min(settings.send_fetchers, settings.send_concurrency))
     per_fetcher = -(-settings.send_concurrency // fetchers)
     for _ in range(fetchers):
         service.workers.append(
-            PullWorker(
+            FlowWorker(
                 js,
                 stream="MAIL",
                 durable=DURABLE,
@@ -210,25 +214,25 @@ async def build(
                 concurrency=per_fetcher,
                 batch=per_fetcher,
                 ack_wait_s=ack_wait_s(settings),
-                settle_concurrency=settings.send_concurrency,
-                # Acks go out without waiting for the server's confirmation: each is sent
-                # after the message's output is durable, and a lost ack only redelivers a
-                # message whose submission record answers it without calling Postal.
-                sync_acks=False,
-                eager=True,  # below saturation a message must not wait for a full batch
+                # Acks go out unconfirmed, a few per write (ACK_LINGER_S), each only after
+                # its message's output is durable (the mail.submitted/failed publish ack);
+                # a lost ack only redelivers a message whose submission record answers it
+                # without calling Postal.
             )
         )
-    marker = FinalMarker(pending, metrics, submission_key)
+    # A final marker per final postal.* event: the lean put too (one per mail, like the
+    # sender's own KV writes). Marking final is idempotent: a lost ack only repeats it.
+    marker = FinalMarker(lean_pending, metrics, submission_key)
     service.workers.append(
-        PullWorker(
+        FlowWorker(
             js,
             stream="POSTAL",
             durable=FINAL_DURABLE,
             filter_subject="postal.>",
-            handle_batch=per_message(marker.handle, 32),
-            batch=128,
-            settle_concurrency=32,
-            sync_acks=False,  # marking final is idempotent: a lost ack only repeats it
+            handle_batch=per_message(marker.handle, FINAL_CONCURRENCY),  # unused: handler=
+            handler=marker.handle,
+            concurrency=FINAL_CONCURRENCY,
+            batch=FINAL_CONCURRENCY,
         )
     )
     if settings.reconcile_enabled:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import msgspec
+from aiohttp.connector import Connection
 
 from .classify import Classification, Retry, classify_response, transport_failure
 from .limits import Circuit, TokenBucket
@@ -27,27 +28,33 @@ _encoder = msgspec.json.Encoder()
 
 @dataclass
 class _Progress:
-    """Set by aiohttp's trace hooks: did the request leave this process?"""
+    """Set once the request is being written to its connection: it may leave this process."""
 
     headers_sent: bool = False
 
 
-async def _on_headers_sent(
-    _session: aiohttp.ClientSession, ctx: SimpleNamespace, _params: Any
-) -> None:
-    progress = ctx.trace_request_ctx
-    if isinstance(progress, _Progress):
-        progress.headers_sent = True
+#: The ``_Progress`` of the request this task is making (aiohttp sends it in the same task).
+_SENDING: ContextVar[_Progress | None] = ContextVar("postal_request_progress", default=None)
+
+
+class _MarkingRequest(aiohttp.ClientRequest):
+    """Marks the request's ``_Progress`` when aiohttp starts writing it (a connection is
+    open, so Postal may receive it). This replaces an ``on_request_headers_sent`` trace hook,
+    which made aiohttp run every trace signal of every request: about 45 µs per request."""
+
+    async def send(self, conn: Connection) -> aiohttp.ClientResponse:
+        progress = _SENDING.get()
+        if progress is not None:
+            progress.headers_sent = True
+        return await super().send(conn)
 
 
 def new_session(timeout_s: float, connections: int) -> aiohttp.ClientSession:
     """The one session of the process: keep-alive connections reused across requests."""
-    trace = aiohttp.TraceConfig()
-    trace.on_request_headers_sent.append(_on_headers_sent)
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=timeout_s),
         connector=aiohttp.TCPConnector(limit=connections, keepalive_timeout=30.0),
-        trace_configs=[trace],
+        request_class=_MarkingRequest,
         headers={"User-Agent": "mailgate-postal-sender"},
     )
 
@@ -142,13 +149,10 @@ class PostalClient:
         result: CallResult
         started = time.monotonic()
         self._metrics.in_flight.inc()
+        sending = _SENDING.set(progress)
         try:
             async with self._session.post(
-                self._base + endpoint,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-                trace_request_ctx=progress,
+                self._base + endpoint, data=body, headers=headers, allow_redirects=False
             ) as response:
                 result = Answered(response.status, await response.read())
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -157,6 +161,7 @@ class PostalClient:
             self.circuit.abandon()  # cancelled: never leave a probe outstanding
             raise
         finally:
+            _SENDING.reset(sending)
             self._metrics.in_flight.dec()
         duration = time.monotonic() - started
         self._metrics.request_duration(endpoint).observe(duration)
