@@ -2,7 +2,8 @@
 
 Postal drops a webhook after six attempts in about 36 minutes, so an outage of
 webhook-ingest longer than that would lose delivery statuses. The leader replica
-(leader.py) periodically reads ``postal-pending`` (pending.py), asks Postal about each
+(leader.py) keeps a copy of ``postal-pending`` (pending.py; read once when it starts leading,
+then followed with a KV watch, so a pass reads only what changed), asks Postal about each
 non-final submission older than ``RECONCILE_AFTER_S`` (``messages/message`` with the status
 and details expansions, then ``messages/deliveries``) and publishes what it learns as the
 ``postal.*`` events webhook-ingest would have published (docs/adr/0005-postal-reconciler.md).
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import nats.errors
 import structlog
 from mailgate_core.nats import PublishError, publish_event
 from mailgate_core.schemas import PostalEvent
@@ -234,8 +234,17 @@ class Reconciler:
     batch: int = 1000
     concurrency: int = 4
     final_keep_s: float = 3600.0
+    index_stall_s: float = 10.0
+    """A pass gives up when the leader's copy of ``postal-pending`` lags and gets no entry
+    for this long (the next pass reads the bucket afresh)."""
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
+    _index: dict[str, PendingRecord] = field(default_factory=dict, init=False)
+    """The leader's copy of ``postal-pending`` (``_follow``); empty on followers."""
+    _follower: asyncio.Task[None] | None = field(default=None, init=False)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _seen_seq: int = field(default=0, init=False)
 
     async def start(self) -> None:
         self._stopping.clear()
@@ -249,6 +258,7 @@ class Reconciler:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._stop_following()
         self.metrics.leader.set(0)
 
     async def _run(self) -> None:
@@ -259,6 +269,9 @@ class Reconciler:
                     await self.run_pass()
                 except Exception:
                     log.exception("reconcile pass failed")
+                    await self._stop_following()  # the next pass reads the bucket afresh
+            else:
+                await self._stop_following()  # a new leadership starts from a full read
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=self._next_wait_s())
 
@@ -266,33 +279,80 @@ class Reconciler:
         # A follower looks again soon after the lock may have changed hands.
         return self.interval_s if self.lock.is_leader else min(self.interval_s, self.lock.ttl_s)
 
+    async def _follow(self) -> None:
+        """Keep ``_index`` equal to the bucket: one full read, then every change as it comes.
+
+        A pass then reads nothing but the changes since the last one (and the stream's last
+        sequence, to know it has them all), instead of every key of the last hour: final
+        markers stay ``final_keep_s`` and would otherwise be read again on every pass.
+        """
+        watcher = await self.pending.watchall()
+        try:
+            while True:
+                entry = await watcher.updates(timeout=None)
+                if entry is None:
+                    self._ready.set()
+                    self._changed.set()
+                    continue
+                self._seen_seq = max(self._seen_seq, entry.revision)
+                record = None if entry.operation else decode_record(entry.value)
+                if record is None:
+                    self._index.pop(entry.key, None)
+                else:
+                    self._index[entry.key] = record
+                self._changed.set()
+        finally:
+            self._index.clear()
+            self._ready.clear()
+            self._seen_seq = 0
+            self._changed.set()
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    async def _stop_following(self) -> None:
+        task, self._follower = self._follower, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _synced_index(self) -> dict[str, PendingRecord]:
+        """The index, up to date with the bucket as of now (a new leader reads it once)."""
+        if self._follower is None or self._follower.done():
+            await self._stop_following()
+            self._follower = asyncio.create_task(self._follow(), name="reconciler-index")
+        state = None
+        while True:
+            self._changed.clear()
+            if self._ready.is_set():
+                if state is None:
+                    state = (await self.pending.status()).stream_info.state
+                if not state.messages or self._seen_seq >= state.last_seq:
+                    break
+            if self._follower.done():
+                self._follower.result()  # raises what stopped it
+                raise RuntimeError("postal-pending follower ended")
+            try:
+                # A large bucket takes a while to read: only a stall is an error.
+                await asyncio.wait_for(self._changed.wait(), timeout=self.index_stall_s)
+            except TimeoutError:
+                await self._stop_following()  # the next pass reads the bucket afresh
+                raise TimeoutError("postal-pending index not in sync") from None
+        return self._index
+
     async def _scan(self, now: float) -> tuple[list[tuple[str, PendingRecord]], list[str], int]:
-        """Read the whole bucket first (a watcher must not be held while calling Postal)."""
+        """What the index says is due, and the final markers old enough to purge."""
         due: list[tuple[str, PendingRecord]] = []
         stale_markers: list[str] = []
         pending = 0
-        watcher = await self.pending.watchall(ignore_deletes=True)
-        try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=10.0)
-                except nats.errors.TimeoutError:
-                    break
-                if entry is None:
-                    break
-                record = decode_record(entry.value)
-                if record is None:
-                    continue
-                if record.final:
-                    if now - record.final_at > self.final_keep_s:
-                        stale_markers.append(entry.key)
-                    continue
-                pending += 1
-                if now - record.submitted_at >= self.reconcile_after_s and len(due) < self.batch:
-                    due.append((entry.key, record))
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+        for key, record in list((await self._synced_index()).items()):
+            if record.final:
+                if now - record.final_at > self.final_keep_s:
+                    stale_markers.append(key)
+                continue
+            pending += 1
+            if now - record.submitted_at >= self.reconcile_after_s and len(due) < self.batch:
+                due.append((key, record))
         return due, stale_markers, pending
 
     async def run_pass(self) -> PassResult:
