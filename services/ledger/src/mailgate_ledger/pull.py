@@ -38,46 +38,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
 from mailgate_core import nats_wire
+from mailgate_core.flow import LOOP_TICK_S, StandingPulls
 from mailgate_core.nats import Ack, Nak, Outcome, PullWorker, backoff_delay, delivery_count
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 log = structlog.get_logger()
 
-#: Statuses that end a pull request without an error: no messages, request expired.
-_END_STATUSES = frozenset({"404", "408"})
-_STATUS = "Status"
-#: Past its expiry plus this, a request that never said it ended counts as gone (lost in a
-#: reconnect or a server restart) and its messages are asked for again.
-PULL_GRACE_S = 0.5
-#: The longest the request loop sleeps between looks at expiries and reconnects.
-LOOP_TICK_S = 0.5
-#: After an error answer (consumer deleted, ...), the next request waits this long.
-ERROR_PAUSE_S = 0.5
 #: While a backlog streams in, a batch waits at most this long for its next message.
 TOP_UP_S = 0.005
 #: A stop waits at most this long for what its open requests may still bring (they end at
 #: their expiry, ``fetch_timeout_s``: one second by default).
 STOP_WAIT_S = 2.0
-
-
-class _PullRequest(msgspec.Struct):
-    batch: int
-    expires: int
-
-
-_encode_request = msgspec.json.Encoder().encode
 
 
 def _pending_after(reply: str) -> int:
@@ -106,18 +87,19 @@ class LeanPullWorker(PullWorker):
     declares in its ``batches_in_flight`` attribute (the ledger's ``CONCURRENT_BATCHES``:
     its batches keep their stream's order themselves), else one."""
     _inbox: str = field(default="", init=False)
-    _next_subject: str = field(default="", init=False)
-    _tokens: itertools.count[int] = field(default_factory=itertools.count, init=False)
+    _pulls: StandingPulls | None = field(default=None, init=False)
     _buffer: deque[Msg] = field(default_factory=deque, init=False)
-    _open: dict[str, float] = field(default_factory=dict, init=False)
-    """Reply subject of each request that may still bring messages -> when it counts as gone."""
-    _asked: int = field(default=0, init=False)
     _in_hand: int = field(default=0, init=False)
-    _pause_until: float = field(default=0.0, init=False)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _asker: asyncio.Task[None] | None = field(default=None, init=False)
-    requests_sent: int = field(default=0, init=False)
-    """Pull requests sent so far (a figure for tests and benchmarks)."""
+
+    @property
+    def requests_sent(self) -> int:
+        """Pull requests sent so far (a figure for tests and benchmarks)."""
+        return 0 if self._pulls is None else self._pulls.sent
+
+    def _asked(self) -> int:
+        return 0 if self._pulls is None else self._pulls.asked
 
     async def start(self) -> None:
         if self.nc is None:
@@ -127,107 +109,43 @@ class LeanPullWorker(PullWorker):
         except nats.js.errors.NotFoundError:
             await self.js.add_consumer(self.stream, config=self.consumer_config())
         self._inbox = self.nc.new_inbox()
-        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
+        self._pulls = StandingPulls(
+            self.nc,
+            f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}",
+            self._inbox,
+            self.durable,
+            max(0.001, self.fetch_timeout_s),
+            self._deliver,
+            self._room,
+            self._stopping,
+            ended=self._arrived.set,  # a stop may be waiting for the open requests to end
+            ignore_forgotten=True,
+            refill_once_arrived=True,
+            quiet_stop=True,
+        )
         self._sub = await self.nc.subscribe(
-            self._inbox + ".*", cb=self._on_message, pending_msgs_limit=-1
+            self._inbox + ".*", cb=self._pulls.on_message, pending_msgs_limit=-1
         )
         self._asker = asyncio.create_task(self._ask_loop(), name=f"pull-ask:{self.durable}")
         self._task = asyncio.create_task(self._run(), name=f"pull:{self.durable}")
 
-    async def _on_message(self, msg: Msg) -> None:
-        headers = msg.headers
-        status = headers.get(_STATUS) if headers else None
-        if status is None:
-            self._buffer.append(msg)
-            if self._asked > 0:
-                self._asked -= 1
-            self._arrived.set()
-            return
-        if status != "100":  # not an idle heartbeat / flow control
-            self._ended(msg.subject, status, headers or {})
-
-    def _ended(self, reply: str, status: str, headers: dict[str, str]) -> None:
-        """A request's end (or refusal) answer on its reply subject."""
-        if self._open.pop(reply, None) is None:
-            return  # a request already forgotten (gone, or before a reconnect)
-        unfilled = headers.get("Nats-Pending-Messages", "")
-        if unfilled.isdigit():
-            self._asked = max(0, self._asked - int(unfilled))
-        else:
-            self._forget_requests()
-        if not self._open:
-            self._asked = 0
-        if status not in _END_STATUSES:  # refused: consumer deleted, too many requests...
-            log.warning(
-                "pull request refused",
-                durable=self.durable,
-                status=status,
-                description=headers.get("Description", ""),
-            )
-            self._pause_until = time.monotonic() + ERROR_PAUSE_S
-        self._room.set()
-        self._arrived.set()  # a stop may be waiting for the open requests to end
-
-    def _forget_requests(self) -> None:
-        self._open.clear()
-        self._asked = 0
+    def _deliver(self, msg: Msg) -> None:
+        self._buffer.append(msg)
+        self._arrived.set()
 
     def _capacity(self) -> int:
         return self.batch * self.batch_slots()
 
     def _wanted(self) -> int:
         """Messages to ask for: the room not yet filled, buffered, in hand or asked for."""
-        return self._capacity() - len(self._buffer) - self._in_hand - self._asked
+        return self._capacity() - len(self._buffer) - self._in_hand - self._asked()
 
     async def _ask_loop(self) -> None:
-        assert self.nc is not None
-        nc = self.nc
+        assert self._pulls is not None
         # Renew when half the room is free: in a backlog that is a batch per request (two
-        # slots); below saturation a request lasts for half the room's facts.
-        chunk = max(1, self._capacity() // 2)
-        reconnects = nc.stats["reconnects"]
-        while not self._stopping.is_set():
-            now = time.monotonic()
-            if nc.stats["reconnects"] != reconnects:  # requests may be gone with the link
-                reconnects = nc.stats["reconnects"]
-                self._forget_requests()
-            for reply, gone_at in list(self._open.items()):
-                if gone_at <= now:  # filled, or lost without an answer
-                    del self._open[reply]
-            if not self._open:
-                self._asked = 0
-            want = self._wanted()
-            # Nothing on its way (no request open, or the open ones filled): ask for any room.
-            if now >= self._pause_until and (want >= chunk or (want > 0 and self._asked == 0)):
-                await self._ask(want)
-                continue
-            self._room.clear()
-            wake_in = min(
-                [LOOP_TICK_S, max(0.0, self._pause_until - now)]
-                + [max(0.0, gone_at - now) for gone_at in self._open.values()]
-            )
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wake_in or LOOP_TICK_S):
-                    await self._room.wait()
-
-    async def _ask(self, batch: int) -> None:
-        assert self.nc is not None
-        reply = f"{self._inbox}.{next(self._tokens)}"
-        expires_s = max(0.001, self.fetch_timeout_s)
-        try:
-            await self.nc.publish(
-                self._next_subject,
-                _encode_request(_PullRequest(batch=batch, expires=int(expires_s * 1e9))),
-                reply=reply,
-            )
-        except (nats.errors.Error, OSError) as exc:
-            if not self._stopping.is_set():
-                log.warning("pull request not sent", durable=self.durable, error=str(exc))
-            self._pause_until = time.monotonic() + ERROR_PAUSE_S
-            return
-        self.requests_sent += 1
-        self._open[reply] = time.monotonic() + expires_s + PULL_GRACE_S
-        self._asked += batch
+        # slots); below saturation a request lasts for half the room's facts. Nothing on its
+        # way (no request open, or the open ones filled): ask for any room.
+        await self._pulls.run(self._wanted, max(1, self._capacity() // 2))
 
     def _take(self, size: int) -> list[Msg]:
         buffer = self._buffer
@@ -254,7 +172,7 @@ class LeanPullWorker(PullWorker):
         fill = max(1, self.batch // 4)
         while not self._stopping.is_set():
             if buffer:
-                if len(buffer) >= self.batch or self._asked == 0:
+                if len(buffer) >= self.batch or self._asked() == 0:
                     return self._take(self.batch)
                 more_on_the_way = _pending_after(buffer[-1].reply) > 0
                 if not more_on_the_way and (self._in_hand == 0 or len(buffer) >= fill):
@@ -347,10 +265,11 @@ class LeanPullWorker(PullWorker):
 
     async def _await_open_requests(self) -> None:
         """Wait (at most until their expiry) for what the open requests may still bring."""
-        if not self._open:
+        pulls = self._pulls
+        if pulls is None or not pulls.open:
             return
-        deadline = min(max(self._open.values()), time.monotonic() + STOP_WAIT_S)
-        while self._asked > 0 and self._open:
+        deadline = min(max(pulls.open.values()), time.monotonic() + STOP_WAIT_S)
+        while pulls.asked > 0 and pulls.open:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
