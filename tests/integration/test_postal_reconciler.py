@@ -12,10 +12,10 @@ import pytest
 from mailgate_core.config import Secret
 from mailgate_core.ids import new_ulid
 from mailgate_core.nats import publish_event
-from mailgate_core.schemas import MailAccepted, MailSubmitted, MessageRef, PostalEvent, decode
+from mailgate_core.schemas import MailAccepted, MailSubmitted, PostalEvent, decode
 from mailgate_fakes.infra import free_port
 from mailgate_fakes.postal import PostalSandbox
-from mailgate_fakes.testing import eventually
+from mailgate_fakes.testing import eventually, mail_accepted
 from mailgate_postal_sender.app import PostalSenderService, Settings, build
 from mailgate_postal_sender.leader import LeaderLock
 from mailgate_postal_sender.pending import (
@@ -32,17 +32,11 @@ DOMAIN = "ours.example"
 
 
 def accepted(recipient: str = "a@x.com") -> MailAccepted:
-    mailgate_id = new_ulid()
-    raw = (
-        f"From: news@{DOMAIN}\r\nTo: {recipient}\r\nSubject: Hi\r\n"
-        f"Message-ID: <{mailgate_id}@{DOMAIN}>\r\nX-Postal-Tag: camp-1\r\n\r\nHello\r\n"
-    ).encode()
-    return MailAccepted(
-        message=MessageRef(mailgate_id=mailgate_id, account_id="acc1", recipient=recipient),
-        mail_from=f"bounces@{DOMAIN}",
-        credential="user1",
-        message_id_header=f"<{mailgate_id}@{DOMAIN}>",
-        raw=raw,
+    return mail_accepted(
+        DOMAIN,
+        recipient=recipient,
+        from_header=f"news@{DOMAIN}",
+        extra_headers="X-Postal-Tag: camp-1\r\n",
     )
 
 

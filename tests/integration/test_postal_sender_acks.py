@@ -14,13 +14,12 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 from mailgate_core.config import Secret
-from mailgate_core.ids import new_ulid
 from mailgate_core.nats import Ack, PullWorker, publish_event
 from mailgate_core.records import AccountRecord
-from mailgate_core.schemas import MailAccepted, MailSubmitted, MessageRef
+from mailgate_core.schemas import MailAccepted, MailSubmitted
 from mailgate_fakes.infra import free_port
 from mailgate_fakes.postal import PostalSandbox
-from mailgate_fakes.testing import consumer_settled, eventually, stored_events
+from mailgate_fakes.testing import consumer_settled, eventually, mail_accepted, stored_events
 from mailgate_postal_sender.app import Settings, build
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry
@@ -32,19 +31,7 @@ DOMAIN = "ours.example"
 
 
 def accepted(account_id: str = "acc1") -> MailAccepted:
-    mailgate_id = new_ulid()
-    raw = (
-        f"From: News <news@{DOMAIN}>\r\nTo: a@x.com\r\nSubject: Hi\r\n"
-        f"Message-ID: <{mailgate_id}@{DOMAIN}>\r\n\r\nHello\r\n"
-    ).encode()
-    return MailAccepted(
-        message=MessageRef(mailgate_id=mailgate_id, account_id=account_id, recipient="a@x.com"),
-        mail_from=f"bounces@{DOMAIN}",
-        credential="user1",
-        message_id_header=f"<{mailgate_id}@{DOMAIN}>",
-        raw=raw,
-        postal_api_key_ref=account_id,
-    )
+    return mail_accepted(DOMAIN, account_id=account_id, postal_api_key_ref=account_id)
 
 
 @pytest.fixture

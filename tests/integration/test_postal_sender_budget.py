@@ -20,10 +20,10 @@ import pytest
 from mailgate_core.config import Secret
 from mailgate_core.ids import new_ulid
 from mailgate_core.nats import publish_event
-from mailgate_core.schemas import MailAccepted, MailSubmitted, MessageRef, PostalEvent
+from mailgate_core.schemas import MailAccepted, MailSubmitted, PostalEvent
 from mailgate_fakes.infra import NatsServer, free_port
 from mailgate_fakes.postal import PostalSandbox
-from mailgate_fakes.testing import consumer_settled, eventually, stored_events
+from mailgate_fakes.testing import consumer_settled, eventually, mail_accepted, stored_events
 from mailgate_postal_sender.app import PostalSenderService, Settings, build
 from mailgate_postal_sender.pending import KV_PENDING, decode_record
 from prometheus_client import CollectorRegistry
@@ -41,18 +41,7 @@ FINAL_TRICKLE_PULL_BUDGET = 0.5
 
 
 def accepted() -> MailAccepted:
-    mailgate_id = new_ulid()
-    raw = (
-        f"From: News <news@{DOMAIN}>\r\nTo: a@x.com\r\nSubject: Hi\r\n"
-        f"Message-ID: <{mailgate_id}@{DOMAIN}>\r\n\r\nHello\r\n"
-    ).encode()
-    return MailAccepted(
-        message=MessageRef(mailgate_id=mailgate_id, account_id="acc1", recipient="a@x.com"),
-        mail_from=f"bounces@{DOMAIN}",
-        credential="user1",
-        message_id_header=f"<{mailgate_id}@{DOMAIN}>",
-        raw=raw,
-    )
+    return mail_accepted(DOMAIN)
 
 
 def sent_event(mailgate_id: str, postal_id: int) -> PostalEvent:

@@ -19,12 +19,11 @@ from pathlib import Path
 import aiohttp
 import msgspec
 import pytest
-from mailgate_core.ids import new_ulid
 from mailgate_core.nats import publish_event
-from mailgate_core.schemas import MailAccepted, MailSubmitted, MessageRef
+from mailgate_core.schemas import MailAccepted, MailSubmitted
 from mailgate_fakes.infra import free_port
 from mailgate_fakes.postal import PostalSandbox
-from mailgate_fakes.testing import consumer_settled, eventually, stored_events
+from mailgate_fakes.testing import consumer_settled, eventually, mail_accepted, stored_events
 from mailgate_postal_sender.pending import PendingRecord
 
 KEY = "K" * 24
@@ -32,18 +31,7 @@ DOMAIN = "ours.example"
 
 
 def accepted() -> MailAccepted:
-    mailgate_id = new_ulid()
-    raw = (
-        f"From: news@{DOMAIN}\r\nTo: a@x.com\r\nSubject: Hi\r\n"
-        f"Message-ID: <{mailgate_id}@{DOMAIN}>\r\n\r\nHello\r\n"
-    ).encode()
-    return MailAccepted(
-        message=MessageRef(mailgate_id=mailgate_id, account_id="acc1", recipient="a@x.com"),
-        mail_from=f"bounces@{DOMAIN}",
-        credential="user1",
-        message_id_header=f"<{mailgate_id}@{DOMAIN}>",
-        raw=raw,
-    )
+    return mail_accepted(DOMAIN, from_header=f"news@{DOMAIN}")
 
 
 class SenderProcess:

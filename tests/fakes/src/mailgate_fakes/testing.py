@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from mailgate_core.schemas import Event
+    from mailgate_core.schemas import Event, MailAccepted
 
 T = TypeVar("T")
 E = TypeVar("E", bound="Event")
@@ -64,3 +64,33 @@ async def consumer_settled(js: Any, stream: str, durable: str) -> bool:
     """Whether ``durable`` has nothing left to deliver and nothing awaiting an ack."""
     info = await js.consumer_info(stream, durable)
     return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+
+def mail_accepted(
+    domain: str,
+    *,
+    account_id: str = "acc1",
+    recipient: str = "a@x.com",
+    from_header: str | None = None,
+    extra_headers: str = "",
+    postal_api_key_ref: str | None = None,
+) -> MailAccepted:
+    """A small ``mail.accepted`` for ``domain`` with a fresh mailgate id, as smtp-ingest
+    publishes it (``extra_headers``: complete header lines, each ending in CRLF)."""
+    from mailgate_core.ids import new_ulid
+    from mailgate_core.schemas import MailAccepted, MessageRef
+
+    mailgate_id = new_ulid()
+    sender = from_header or f"News <news@{domain}>"
+    raw = (
+        f"From: {sender}\r\nTo: {recipient}\r\nSubject: Hi\r\n"
+        f"Message-ID: <{mailgate_id}@{domain}>\r\n{extra_headers}\r\nHello\r\n"
+    ).encode()
+    return MailAccepted(
+        message=MessageRef(mailgate_id=mailgate_id, account_id=account_id, recipient=recipient),
+        mail_from=f"bounces@{domain}",
+        credential="user1",
+        message_id_header=f"<{mailgate_id}@{domain}>",
+        raw=raw,
+        postal_api_key_ref=postal_api_key_ref,
+    )
