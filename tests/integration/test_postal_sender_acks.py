@@ -37,9 +37,8 @@ def accepted(account_id: str = "acc1") -> MailAccepted:
 @pytest.fixture
 async def sandbox() -> AsyncIterator[PostalSandbox]:
     box = PostalSandbox([KEY, ACCOUNT_KEY, NEW_ACCOUNT_KEY], domains=[DOMAIN])
-    box.base_url = await box.start()  # type: ignore[attr-defined]
-    yield box
-    await box.stop()
+    async with box.serving():
+        yield box
 
 
 @pytest.fixture
@@ -49,7 +48,7 @@ async def service_factory(nats_url: str, sandbox: PostalSandbox) -> AsyncIterato
     async def start(**overrides):
         values = {
             "nats_url": nats_url,
-            "postal_api_url": sandbox.base_url,  # type: ignore[attr-defined]
+            "postal_api_url": sandbox.base_url,
             "postal_api_key": Secret(KEY),
             "ops_host": "127.0.0.1",
             "ops_port": free_port(),

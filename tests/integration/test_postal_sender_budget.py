@@ -66,10 +66,8 @@ def connection_messages(server: NatsServer) -> int:
 
 @pytest.fixture
 async def sandbox() -> AsyncIterator[PostalSandbox]:
-    box = PostalSandbox([KEY], domains=[DOMAIN])
-    box.base_url = await box.start()  # type: ignore[attr-defined]
-    yield box
-    await box.stop()
+    async with PostalSandbox([KEY], domains=[DOMAIN]).serving() as box:
+        yield box
 
 
 @pytest.fixture
@@ -77,7 +75,7 @@ async def service(nats_url: str, sandbox: PostalSandbox) -> AsyncIterator[Postal
     settings = Settings(
         service_name=NAME,
         nats_url=nats_url,
-        postal_api_url=sandbox.base_url,  # type: ignore[attr-defined]
+        postal_api_url=sandbox.base_url,
         postal_api_key=Secret(KEY),
         ops_host="127.0.0.1",
         ops_port=free_port(),

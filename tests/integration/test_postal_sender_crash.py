@@ -75,10 +75,8 @@ class SenderProcess:
 
 @pytest.fixture
 async def sandbox() -> AsyncIterator[PostalSandbox]:
-    box = PostalSandbox([KEY], domains=[DOMAIN])
-    box.base_url = await box.start()  # type: ignore[attr-defined]
-    yield box
-    await box.stop()
+    async with PostalSandbox([KEY], domains=[DOMAIN]).serving() as box:
+        yield box
 
 
 @pytest.fixture
@@ -92,7 +90,7 @@ def processes() -> Iterator[list[SenderProcess]]:
 def env_for(nats_url: str, sandbox: PostalSandbox, **extra: str) -> dict[str, str]:
     return {
         "NATS_URL": nats_url,
-        "POSTAL_API_URL": sandbox.base_url,  # type: ignore[attr-defined]
+        "POSTAL_API_URL": sandbox.base_url,
         "POSTAL_API_KEY": KEY,
         "OPS_HOST": "127.0.0.1",
         "OPS_PORT": str(free_port()),

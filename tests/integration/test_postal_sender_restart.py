@@ -29,17 +29,15 @@ def accepted() -> MailAccepted:
 
 @pytest.fixture
 async def sandbox() -> AsyncIterator[PostalSandbox]:
-    box = PostalSandbox([KEY], domains=[DOMAIN])
-    box.base_url = await box.start()  # type: ignore[attr-defined]
-    yield box
-    await box.stop()
+    async with PostalSandbox([KEY], domains=[DOMAIN]).serving() as box:
+        yield box
 
 
 @pytest.fixture
 async def service(nats_url: str, sandbox: PostalSandbox) -> AsyncIterator[PostalSenderService]:
     settings = Settings(
         nats_url=nats_url,
-        postal_api_url=sandbox.base_url,  # type: ignore[attr-defined]
+        postal_api_url=sandbox.base_url,
         postal_api_key=Secret(KEY),
         ops_host="127.0.0.1",
         ops_port=free_port(),

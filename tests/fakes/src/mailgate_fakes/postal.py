@@ -574,6 +574,8 @@ class PostalSandbox:
         inbound_url: str | None = None,
     ):
         self.api_keys = set(api_keys)
+        #: ``http://host:port`` once ``start()`` has bound it.
+        self.base_url = ""
         self.webhook_url = webhook_url
         #: The HTTP endpoint inbound mail is routed to (a route's HTTPEndpoint).
         self.inbound_url = inbound_url
@@ -678,7 +680,18 @@ class PostalSandbox:
         site = web.TCPSite(self._runner, host, port)
         await site.start()
         bound = self._runner.addresses[0][1]
-        return f"http://{host}:{bound}"
+        self.base_url = f"http://{host}:{bound}"
+        return self.base_url
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[PostalSandbox]:
+        """``start()`` on a free loopback port for the ``with`` block (``base_url`` set), then
+        ``stop()``."""
+        await self.start()
+        try:
+            yield self
+        finally:
+            await self.stop()
 
     async def stop(self) -> None:
         if self._runner is not None:
