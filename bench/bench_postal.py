@@ -283,7 +283,7 @@ async def _webhooks(nats_url: str, count: int, concurrency: int) -> Row:
             p50_ms=percentile(latencies, 0.5) * 1000,
             p99_ms=percentile(latencies, 0.99) * 1000,
             cpu_s_per_1k=cpu_s / count * 1000,
-            note=f"{count} signed MessageSent (RSA-2048 SHA-256)",
+            note=f"{count} signed MessageSent (RSA-{key.key_size} SHA-256, Postal's default)",
         )
     finally:
         _stop(ingest)

@@ -25,6 +25,22 @@ def test_a_sandbox_signature_verifies_with_the_dkim_p_value() -> None:
     assert verdict.ok and verdict.algorithm == "sha256"
 
 
+def test_the_sandbox_key_is_the_size_postals_installer_makes() -> None:
+    assert KEY.key_size == 1024
+
+
+@pytest.mark.parametrize("bits", [2048, 4096])
+def test_a_larger_signing_key_verifies_too(bits: int) -> None:
+    """An installation may replace the installer's 1024-bit ``signing.key`` with a larger one."""
+    key = generate_private_key(bits)
+    ring = KeyRing.from_setting(f"{public_key_b64(KEY)}, {public_key_b64(key)}")
+    headers = signature_headers(key, BODY)
+    verdict = ring.verify(BODY, headers)
+    assert verdict.ok and verdict.algorithm == "sha256"
+    assert ring.verify(BODY, {"X-Postal-Signature": headers["X-Postal-Signature"]}).ok
+    assert ring.verify(BODY + b" ", headers).reason == "bad_signature"
+
+
 def test_a_tampered_body_fails() -> None:
     ring = KeyRing.from_setting(public_key_b64(KEY))
     headers = signature_headers(KEY, BODY)

@@ -10,7 +10,6 @@ stops the services with SIGTERM (graceful drain), then NATS and Postgres.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import datetime as dt
 import json
@@ -122,27 +121,11 @@ def self_signed_cert(directory: Path, hostname: str = "localhost") -> tuple[Path
 
 
 def rsa_signing_key(path: Path) -> str:
-    """The Postal sandbox's signing key (PEM at ``path``); returns the base64 SPKI public key."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
+    """The Postal sandbox's signing key (PEM at ``path``, made as Postal's installer makes it
+    when absent); returns the base64 SPKI public key."""
+    from .postal import load_or_create_private_key, public_key_b64
 
-    if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    else:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        path.chmod(0o600)
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return base64.b64encode(der).decode()
+    return public_key_b64(load_or_create_private_key(path))
 
 
 @dataclass
