@@ -2,6 +2,11 @@
 connection's ``nats_wire.JetStreamRequests`` against nats-py's ``js.publish`` (the path they
 take once ``close_connection_requests`` closed the shared instance, and the path they took
 before). Same server, same events; the two paths alternate, the median round is reported.
+
+The group-commit rows (``publish_events(..., group=True)``, ``nats_wire.GroupCommit``): 100
+concurrent publishers of one 2 KB ``mail.skipped`` each on one connection, with and without
+group commit, alternating; the note has nats-server's CPU per 1,000 messages and the mean
+messages per commit.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ from pathlib import Path
 import nats
 from mailgate_core import nats_wire
 from mailgate_core import schemas as s
+from mailgate_core.ids import new_ulid
 from mailgate_core.nats import provision, publish_event, publish_events
 from mailgate_fakes.infra import NatsServer
 
-from common import Options, Row, percentile
+from common import Options, Row, percentile, process_tree_cpu_s
 
 SIZE = 2048
 
@@ -102,6 +108,59 @@ async def _batched(
     )
 
 
+def _skipped(count: int) -> list[s.MailSkipped]:
+    return [
+        s.MailSkipped(
+            message=s.MessageRef(mailgate_id=new_ulid(), account_id="a", recipient="r@x.org"),
+            mail_from="s@x.org",
+            reason="manual",
+            subject_line="x" * (SIZE - 200),
+        )
+        for _ in range(count)
+    ]
+
+
+async def _grouped(server: NatsServer, count: int, concurrency: int, *, group: bool) -> Row:
+    """``concurrency`` callers publishing one event at a time, with or without group commit."""
+    assert server.proc is not None
+    nc = await nats.connect(server.url)
+    js = nc.jetstream(timeout=10)
+    sizes: list[int] = []
+    nats_wire.observe_group_commits(nc, sizes.append)
+    events = _skipped(count)
+    latencies: list[float] = []
+
+    async def publisher() -> None:
+        while events:
+            event = events.pop()
+            t0 = time.perf_counter()
+            await publish_events(js, [event], group=group)
+            latencies.append(time.perf_counter() - t0)
+
+    server0 = process_tree_cpu_s(server.proc.pid)
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(publisher() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    server_cpu = process_tree_cpu_s(server.proc.pid) - server0
+    await nc.close()
+    latencies.sort()
+    commits = (
+        f"{sum(sizes) / len(sizes):.1f} msgs/commit (largest {max(sizes)})"
+        if sizes
+        else "no group commit"
+    )
+    return Row(
+        benchmark="",
+        rate_per_s=count / elapsed,
+        p50_ms=percentile(latencies, 0.5) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+        cpu_s_per_1k=cpu / count * 1000,
+        note=f"nats-server {server_cpu / count * 1000:.3f} CPU s/1k; {commits}",
+    )
+
+
 def _median_row(rows: list[Row], name: str, note: str) -> Row:
     cpu = [r.cpu_s_per_1k or 0.0 for r in rows]
     middle = sorted(rows, key=lambda r: r.cpu_s_per_1k or 0.0)[len(rows) // 2]
@@ -141,6 +200,19 @@ async def run(opts: Options) -> list[Row]:
                 assert before.cpu_s_per_1k and after.cpu_s_per_1k
                 after.note += f"; {after.cpu_s_per_1k / before.cpu_s_per_1k:.2f}x the CPU"
                 rows += [before, after]
+            for concurrency in (1, 100):
+                grouped: dict[bool, list[Row]] = {False: [], True: []}
+                for _ in range(rounds):
+                    for group in (False, True):
+                        grouped[group].append(
+                            await _grouped(server, count, concurrency, group=group)
+                        )
+                name = f"publish_events, {concurrency} publisher{'s' if concurrency > 1 else ''}"
+                for group in (False, True):
+                    row = sorted(grouped[group], key=lambda r: r.rate_per_s or 0.0)[rounds // 2]
+                    row.benchmark = f"{name}: group commit {'on' if group else 'off'}"
+                    row.note += f"; median rate of {rounds}"
+                    rows.append(row)
         finally:
             server.stop()
     return rows

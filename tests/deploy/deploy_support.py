@@ -287,7 +287,7 @@ def _metric_objects(registry: CollectorRegistry) -> None:
     """Create every metrics object of libs and services on ``registry`` (keep in step with
     ``test_metric_classes_cover_every_literal_metric``)."""
     from mailgate_ams_reporter.metrics import AutostopMetrics, WebhookMetrics
-    from mailgate_core.nats import ConsumerLag
+    from mailgate_core.nats import ConsumerLag, count_publish_batches
     from mailgate_ledger.metrics import LedgerMetrics
     from mailgate_postal_sender.metrics import Metrics as PostalMetrics
     from mailgate_smtp_ingest.metrics import Metrics as SmtpMetrics
@@ -300,6 +300,7 @@ def _metric_objects(registry: CollectorRegistry) -> None:
     WebhookMetrics(registry)
     AutostopMetrics(registry)
     ConsumerLag(None, registry)  # type: ignore[arg-type]
+    count_publish_batches(None, registry)
     LedgerMetrics(registry)
     PostalMetrics(registry)
     SmtpMetrics.create(registry)

@@ -37,7 +37,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from . import nats_wire  # a cycle: nats_wire raises this module's PublishError
 from .schemas import Event, encode
@@ -56,13 +56,14 @@ class StreamSpec:
     duplicate_window_s: float = 20 * 60.0
     allow_atomic: bool = False
     """JetStream atomic batch publishing (nats-server 2.12+): the ledger's outbox publishes
-    STATUS in atomic batches, which the server stores with one sync per batch."""
+    STATUS in atomic batches, smtp-ingest's group commit (``publish_events(group=True)``)
+    MAIL; the server stores a batch with one sync."""
 
 
 #: The streams of design.md. ``discard=new`` makes a full stream refuse a publish (the
 #: publisher answers 4xx) instead of silently dropping the oldest accepted mail.
 STREAMS: tuple[StreamSpec, ...] = (
-    StreamSpec("MAIL", ("mail.>",)),
+    StreamSpec("MAIL", ("mail.>",), allow_atomic=True),
     StreamSpec("POSTAL", ("postal.>",)),
     StreamSpec("TRACK", ("track.>",)),
     StreamSpec("STATUS", ("status.>",), allow_atomic=True),
@@ -222,7 +223,11 @@ async def _publish_through_nats_py(js: JetStreamContext, event: Event, timeout: 
 
 
 async def publish_events(
-    js: JetStreamContext, events: Sequence[Event], *, timeout: float | None = 5.0
+    js: JetStreamContext,
+    events: Sequence[Event],
+    *,
+    timeout: float | None = 5.0,
+    group: bool = False,
 ) -> list[int]:
     """Publish every event at once and wait for all of their acks (each within
     ``timeout``, as ``publish_event`` takes it); the stream seqs in order.
@@ -230,8 +235,19 @@ async def publish_events(
     The publishes go out back to back (in one write) and their acks come back together: one
     round trip for the lot instead of one per event. Raises PublishError unless JetStream
     acknowledged every one; some may then be stored, which ``Nats-Msg-Id`` makes harmless
-    for a retry with the same events, and a caller answering 4xx lets the client retry."""
+    for a retry with the same events, and a caller answering 4xx lets the client retry.
+
+    ``group=True``: group commit (``nats_wire.GroupCommit``) when every event goes to one
+    stream with ``allow_atomic``: under load (``GROUP_WINDOW`` publishes of this connection
+    awaiting their ack) the events of concurrent callers queue and go out together as one
+    JetStream atomic batch (one store and one PubAck for the server); below it, as without.
+    Same return, same errors, same guarantee."""
     timeout_s = _timeout_s(js, timeout)
+    if group and events:
+        stream = atomic_stream_of(events)
+        grouped = nats_wire.connection_group_commit(js, stream) if stream else None
+        if grouped is not None:
+            return await grouped.publish(events, timeout_s=timeout_s)
     requests = nats_wire.connection_requests(js)
     if requests is not None:
         return await requests.publish_events(events, timeout_s=timeout_s)
@@ -247,6 +263,46 @@ async def publish_events(
                 raise outcome
             raise PublishError(f"{type(outcome).__name__}: {outcome}") from outcome
     return [int(seq) for seq in outcomes if not isinstance(seq, BaseException)]
+
+
+_ATOMIC_STREAMS: dict[str, str | None] = {}
+"""A subject's first token -> the stream with ``allow_atomic`` holding it (None: none)."""
+
+
+def _atomic_stream_of(token: str) -> str | None:
+    for spec in STREAMS:
+        if f"{token}.>" in spec.subjects:  # every stream here is ``<token>.>``
+            return spec.name if spec.allow_atomic else None
+    return None
+
+
+def atomic_stream_of(events: Sequence[Event]) -> str | None:
+    """The one stream with ``allow_atomic`` (``STREAMS``) all ``events`` go to, else None."""
+    stream: str | None = None
+    for event in events:
+        token = event.subject().partition(".")[0]
+        try:
+            found = _ATOMIC_STREAMS[token]
+        except KeyError:
+            found = _ATOMIC_STREAMS[token] = _atomic_stream_of(token)
+        if found is None or (stream is not None and found != stream):
+            return None
+        stream = found
+    return stream
+
+
+def count_publish_batches(nc: NATS | None, registry: CollectorRegistry) -> Histogram:
+    """``mailgate_nats_publish_batch_size``: messages per group commit (``publish_events(...,
+    group=True)``) on ``nc``: an atomic batch's, a pipelined set's or a lone caller's."""
+    histogram = Histogram(
+        "mailgate_nats_publish_batch_size",
+        "Messages per group commit of durable publishes (a JetStream atomic batch when >= 32).",
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        registry=registry,
+    )
+    if nc is not None:
+        nats_wire.observe_group_commits(nc, histogram.observe)
+    return histogram
 
 
 # --- pull consumers ---------------------------------------------------------------------

@@ -44,14 +44,19 @@ The parts, from the wire up:
   dies with the connection); ``close_connection_requests(nc)`` (``ServiceBase.stop``, before
   the drain) waits for the acks still awaited, then unsubscribes; publishes after that, or
   while the connection drains or is closed, go through nats-py's ``js.publish``.
+- ``GroupCommit`` (``connection_group_commit(js, stream)``, one per connection and stream,
+  on top of its ``connection_requests``): ``publish_events(..., group=True)``; under load,
+  concurrent callers' events go out together as JetStream atomic batches
+  (``atomic_batch``), each caller still answered only once its events are stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -62,6 +67,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from . import nats as core  # PublishError; a cycle: nats.py routes its publishes here
+from .ids import new_ulid
 from .schemas import Event, encode
 
 Header = tuple[str, str]
@@ -159,6 +165,26 @@ def atomic_batch_command(
     )
 
 
+def atomic_batch(items: Sequence[tuple[str, str, bytes]], reply: str, batch_id: str) -> bytes:
+    """The commands of one atomic batch of ``(subject, msg_id, payload)`` items (every value
+    a plain token), its commit (the last item) answered to ``reply``."""
+    last = len(items) - 1
+    return b"".join(
+        [
+            atomic_batch_command(
+                subject,
+                reply if i == last else "",
+                msg_id,
+                payload,
+                batch_id=batch_id,
+                sequence=i + 1,
+                commit=i == last,
+            )
+            for i, (subject, msg_id, payload) in enumerate(items)
+        ]
+    )
+
+
 # --- the private API, in one place ---------------------------------------------------------
 
 
@@ -249,6 +275,10 @@ class JsPubAck(msgspec.Struct):
     seq: int = 0
     duplicate: bool = False
     error: JsApiError | None = None
+    batch: str = ""
+    """An atomic batch's id (its ack: ``seq`` is then the last message's sequence)."""
+    count: int = 0
+    """How many messages the atomic batch stored (at ``seq - count + 1`` .. ``seq``)."""
 
 
 decode_pub_ack = msgspec.json.Decoder(JsPubAck).decode
@@ -515,16 +545,22 @@ def pub_ack_seq(msg: Msg) -> int:
     """The stream sequence of JetStream's answer to a publish, or what nats-py's
     ``js.publish`` raises for that answer (``NoStreamResponseError``, ``APIError`` subclasses
     as ``APIError.from_error`` picks them)."""
+    ack = read_pub_ack(msg)
+    if ack.error is not None:
+        raise api_error(ack.error)
+    return ack.seq
+
+
+def read_pub_ack(msg: Msg) -> JsPubAck:
+    """JetStream's answer to a publish (an error in it left to the caller); what nats-py's
+    ``js.publish`` raises for no stream (``NoStreamResponseError``) or an unreadable one."""
     headers = msg.headers
     if headers and headers.get(_STATUS) == _NO_RESPONDERS:
         raise nats.js.errors.NoStreamResponseError
     try:
-        ack = decode_pub_ack(msg.data)
+        return decode_pub_ack(msg.data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise nats.js.errors.APIError(description=f"unreadable publish ack: {exc}") from exc
-    if ack.error is not None:
-        raise api_error(ack.error)
-    return ack.seq
 
 
 # --- one instance per connection, for every event publish ----------------------------------
@@ -622,3 +658,397 @@ class LeanKeyValue:
         # The key has a value, or a delete marker nats-py recreates over: let it decide.
         revision: int = await self._fallback.create(key, value)
         return revision
+
+
+# --- group commit: concurrent publishes to one stream as one atomic batch ------------------
+
+#: nats-server's own limits on atomic batches (2.12 to 2.15: ``server/stream.go``'s defaults,
+#: which a server's ``jetstream { limits {...} }`` may change): 1,000 messages per batch, 50
+#: batches open at once per stream and 1,000 per server, 10 s from a batch's first message
+#: to its commit. A group commit stays well within them: ``GROUP_BATCH_MAX`` messages, each
+#: batch written whole in one write (open for one server read), ``GROUP_BATCHES_IN_FLIGHT``
+#: batches per connection and stream.
+SERVER_ATOMIC_BATCH_MAX = 1000
+GROUP_BATCH_MAX = 256
+"""Messages per group-commit batch (as the ledger outbox's atomic batches)."""
+GROUP_BATCH_MAX_BYTES = 4 * 1024 * 1024
+"""Payload bytes per group-commit batch (one write; a larger set waits for the next)."""
+GROUP_BATCHES_IN_FLIGHT = 4
+"""Atomic batches awaiting their PubAck at once per connection and stream."""
+GROUP_WINDOW = 32
+"""Publishes awaiting their PubAck before callers queue for an atomic batch."""
+GROUP_ATOMIC_MIN = 32
+"""Fewer queued messages than this go as pipelined publishes, not as an atomic batch.
+
+Measured on nats-server 2.15.1 (R1, file storage, ``sync_interval: always``; server CPU per
+message, 2 KB events): a single publish costs it about 0.1-0.15 ms (0.25-0.3 ms when they
+come one at a time), an atomic batch about 1.5 ms plus 0.045 ms per message, because the
+server stages each R1 file-store batch in a file store of its own, made and deleted per
+batch (``newBatchStore``). Batches pay off from about 24-32 messages (64: 0.065 ms per
+message, 40% less; 4: 0.4-0.8 ms, several times more)."""
+
+ERR_ATOMIC_DISABLED = 10174
+"""JSAtomicPublishDisabledErr: the stream has no ``allow_atomic``."""
+ERR_BATCH_DUPLICATE = 10201
+"""JSAtomicPublishContainsDuplicateMessageErr: a message id of the batch is stored already."""
+ERR_BATCH_TOO_MANY_INFLIGHT = 10210
+"""JSAtomicPublishTooManyInflight: the stream's or the server's open batches are at their limit."""
+_ONE_BY_ONE = frozenset({ERR_ATOMIC_DISABLED, ERR_BATCH_DUPLICATE, ERR_BATCH_TOO_MANY_INFLIGHT})
+"""Refusals of a batch that say nothing about its messages: they are published one by one."""
+
+Item = tuple[str, str, bytes]
+"""One message of a batch: (subject, msg_id, payload)."""
+
+
+class _Pending:
+    """One caller's events waiting for (or in) a batch."""
+
+    __slots__ = ("deadline", "events", "future", "items", "size")
+
+    def __init__(
+        self,
+        events: Sequence[Event],
+        items: list[Item],
+        size: int,
+        future: asyncio.Future[list[int]],
+        deadline: float,
+    ) -> None:
+        self.events = events
+        self.items = items
+        self.size = size
+        self.future = future
+        self.deadline = deadline
+
+
+def _publish_error(exc: BaseException) -> core.PublishError:
+    """A PublishError of its own for each caller (one exception raised in several tasks
+    would collect all of their tracebacks), with the text a single publish gives."""
+    if isinstance(exc, core.PublishError):
+        error = core.PublishError(str(exc))
+        error.__cause__ = exc.__cause__
+        return error
+    error = core.PublishError(f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+class GroupCommit:
+    """Group commit of durable event publishes to one stream over one connection.
+
+    Callers (``publish``) hand over their events. While fewer than ``window`` publishes await
+    their PubAck, they go out at once, exactly as ``JetStreamRequests.publish_events`` sends
+    them (nothing added while the load is light). Beyond that, callers queue, and the queued
+    events of many callers go out together as ONE JetStream atomic batch (ADR-50): one
+    message each, as before, but stored by the server in one go with one sync and answered
+    with one PubAck, as soon as ``atomic_min`` messages are queued (up to ``max_batches``
+    batches in flight), or when room opens in the window (as pipelined publishes when fewer
+    than ``atomic_min``: a small atomic batch costs the server more than its messages alone,
+    see ``GROUP_ATOMIC_MIN``). Up to ``max_messages`` (and ``max_bytes``) go in one batch.
+
+    Each caller returns only once JetStream acknowledged the commit holding its events, with
+    their stream sequences (an atomic batch is stored in consecutive sequences ending at the
+    ack's ``seq``): an ack still means durable. A batch JetStream refuses, does not answer in
+    time or cannot be sent fails every caller in it with the ``PublishError`` a single
+    publish would get. A refusal that says nothing about the messages (a duplicate message
+    id in the batch, too many batches open, atomic publishing disabled on the stream)
+    republishes them one by one, each caller's set with ``JetStreamRequests.publish_events``
+    (de-duplicated per ``Nats-Msg-Id``); a stream without ``allow_atomic`` is published that
+    way from then on. Callers whose events cannot go in a batch (not plain tokens, too
+    large), and every caller while the server does not take atomic batches
+    (``atomic_batches_supported``) or the connection is closed or draining, publish alone.
+
+    Each caller's ``timeout_s`` bounds its wait for its commit to be sent (one that waited
+    past it in the queue fails with the timeout, unsent); a commit's PubAck is awaited up to
+    the latest of its callers' deadlines."""
+
+    def __init__(
+        self,
+        requests: JetStreamRequests,
+        nc: NatsClient,
+        stream: str,
+        *,
+        window: int = GROUP_WINDOW,
+        atomic_min: int = GROUP_ATOMIC_MIN,
+        max_batches: int = GROUP_BATCHES_IN_FLIGHT,
+        max_messages: int = GROUP_BATCH_MAX,
+        max_bytes: int = GROUP_BATCH_MAX_BYTES,
+    ) -> None:
+        self._requests = requests
+        self._nc = nc
+        self.stream = stream
+        self.window = max(1, window)
+        self.max_messages = max(1, min(max_messages, SERVER_ATOMIC_BATCH_MAX))
+        self.atomic_min = max(2, min(atomic_min, self.max_messages))
+        self.max_batches = max(1, max_batches)
+        self.max_bytes = max_bytes
+        self.atomic = True
+        """False once the stream refused atomic publishing (no ``allow_atomic``)."""
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued = 0  # messages queued
+        self._in_flight = 0  # messages sent, PubAck awaited
+        self._batches_out = 0  # atomic batches sent, PubAck awaited
+        self._batch_prefix = new_ulid() + "."
+        self._batch_numbers = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.on_batch: Callable[[int], None] | None = None
+        """Called with the number of messages of each commit (a lone caller's too)."""
+        self.commits = 0
+        """Commits sent: callers' publishes alone, pipelined sets and atomic batches."""
+        self.batches = 0
+        """Atomic batches JetStream acknowledged."""
+        self.one_by_one = 0
+        """Atomic batches republished message by message after a refusal."""
+
+    @property
+    def in_flight(self) -> int:
+        """Messages sent whose PubAck is awaited."""
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        """Callers waiting for a commit."""
+        return len(self._queue)
+
+    def usable(self) -> bool:
+        """Whether a publish may join a batch now (else ``publish`` takes the plain path)."""
+        nc = self._nc
+        return (
+            self.atomic
+            and not self._requests.closed
+            and not nc.is_closed
+            and not nc.is_draining
+            and atomic_batches_supported(nc)
+        )
+
+    def _items(self, events: Sequence[Event]) -> tuple[list[Item], int] | None:
+        """The events as batch items and their size, or None when they cannot be batched."""
+        items: list[Item] = []
+        size = 0
+        limit = self._nc.max_payload - 256  # room for the batch headers
+        for event in events:
+            subject, msg_id = event.subject(), event.event_id
+            if not (is_plain_token(subject) and is_plain_token(msg_id)):
+                return None
+            payload = encode(event)
+            if len(payload) + len(msg_id) > limit:
+                return None
+            items.append((subject, msg_id, payload))
+            size += len(payload)
+        if len(items) > self.max_messages or size > self.max_bytes:
+            return None
+        return items, size
+
+    async def publish(self, events: Sequence[Event], *, timeout_s: float) -> list[int]:
+        """Publish ``events`` (all on this stream) now or in the next commit; their stream
+        seqs once JetStream acknowledged them. PublishError as
+        ``JetStreamRequests.publish_events``."""
+        if not events:
+            return []
+        if not self.usable():
+            return await self._requests.publish_events(events, timeout_s=timeout_s)
+        if not self._queue and self._in_flight < self.window:
+            # Room in the window: this caller's publishes go now, as without group commit.
+            count = len(events)
+            self._in_flight += count
+            self.commits += 1
+            if self.on_batch is not None:
+                self.on_batch(count)
+            try:
+                return await self._requests.publish_events(events, timeout_s=timeout_s)
+            finally:
+                self._in_flight -= count
+                self._start_queued()
+        batchable = self._items(events)
+        if batchable is None:
+            return await self._requests.publish_events(events, timeout_s=timeout_s)
+        loop = asyncio.get_running_loop()
+        pending = _Pending(
+            events, batchable[0], batchable[1], loop.create_future(), loop.time() + timeout_s
+        )
+        self._queue.append(pending)
+        self._queued += len(pending.items)
+        self._start_queued()
+        return await pending.future
+
+    def _take(self) -> tuple[list[_Pending], int]:
+        """Queued callers for one commit (whole callers, within the batch limits)."""
+        queue = self._queue
+        batch = [queue.popleft()]
+        count, size = len(batch[0].items), batch[0].size
+        while queue:
+            nxt = queue[0]
+            if count + len(nxt.items) > self.max_messages or size + nxt.size > self.max_bytes:
+                break
+            batch.append(queue.popleft())
+            count += len(nxt.items)
+            size += nxt.size
+        self._queued -= count
+        return batch, count
+
+    def _start_queued(self) -> None:
+        """Send what is queued: an atomic batch once ``atomic_min`` messages wait (and a
+        batch slot is free), anything while the window has room."""
+        while self._queue:
+            full = self._queued >= self.atomic_min and self._batches_out < self.max_batches
+            if not full and self._in_flight >= self.window:
+                return
+            batch, count = self._take()
+            atomic = count >= self.atomic_min and self._batches_out < self.max_batches
+            self._in_flight += count
+            if atomic:
+                self._batches_out += 1
+            task = asyncio.create_task(
+                self._run(batch, count, atomic=atomic), name=f"group-commit:{self.stream}"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[_Pending], count: int, *, atomic: bool) -> None:
+        try:
+            await self._commit(batch, atomic=atomic)
+        finally:
+            self._in_flight -= count
+            if atomic:
+                self._batches_out -= 1
+            self._start_queued()
+
+    async def _commit(self, batch: list[_Pending], *, atomic: bool) -> None:
+        """Send ``batch`` and settle each caller's future; never leaves one unsettled."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        live: list[_Pending] = []
+        for pending in batch:
+            if pending.future.done():
+                continue  # its caller is gone (cancelled): nothing of it is sent
+            if pending.deadline <= now:
+                pending.future.set_exception(_publish_error(nats.errors.TimeoutError()))
+                continue
+            live.append(pending)
+        if not live:
+            return
+        items = [item for pending in live for item in pending.items]
+        timeout_s = max(pending.deadline for pending in live) - now
+        self.commits += 1
+        if self.on_batch is not None:
+            self.on_batch(len(items))
+        try:
+            if len(live) == 1:  # one caller's events: sent as without group commit
+                alone = await self._requests.publish_events(live[0].events, timeout_s=timeout_s)
+                self._settle(live, alone)
+                return
+            if not atomic or len(items) < self.atomic_min or not self.atomic:
+                await self._one_by_one(live)  # pipelined: one write, a PubAck each
+                return
+            seqs = await self._atomic(items, timeout_s)
+            if seqs is None:
+                self.one_by_one += 1
+                await self._one_by_one(live)
+            else:
+                self.batches += 1
+                self._settle(live, seqs)
+        except (core.PublishError, *_PUBLISH_ERRORS) as exc:
+            self._fail(live, exc)
+        except BaseException as exc:  # a bug: fail the callers, then surface it
+            self._fail(live, exc)
+            raise
+
+    async def _atomic(self, items: list[Item], timeout_s: float) -> list[int] | None:
+        """One atomic batch: the stream seqs of its messages once acknowledged, None when
+        JetStream refused it for a reason that says nothing about its messages (or it could
+        not be written directly: not connected); raises what a single publish would."""
+        requests = self._requests
+        if requests._sub is None:
+            await requests.start()
+        reply, future = requests.expect(timeout_s)
+        batch_id = self._batch_prefix + str(next(self._batch_numbers))
+        try:
+            if not await write(self._nc, atomic_batch(items, reply, batch_id)):
+                requests.forget(reply)
+                return None
+            msg = await future
+        except BaseException:
+            requests.forget(reply)
+            raise
+        ack = read_pub_ack(msg)
+        if ack.error is not None:
+            if ack.error.err_code in _ONE_BY_ONE:
+                if ack.error.err_code == ERR_ATOMIC_DISABLED:
+                    self.atomic = False
+                return None
+            raise api_error(ack.error)
+        if ack.count != len(items) or ack.seq < len(items):
+            raise nats.js.errors.APIError(
+                description=f"unexpected batch ack: {ack.count} of {len(items)} at {ack.seq}"
+            )
+        first = ack.seq - len(items) + 1
+        return list(range(first, ack.seq + 1))
+
+    async def _one_by_one(self, live: list[_Pending]) -> None:
+        """Each caller's events published apart (``JetStreamRequests.publish_events``)."""
+        now = asyncio.get_running_loop().time()
+
+        async def one(pending: _Pending) -> None:
+            try:
+                seqs = await self._requests.publish_events(
+                    pending.events, timeout_s=max(pending.deadline - now, 0.001)
+                )
+            except BaseException as exc:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            if not pending.future.done():
+                pending.future.set_result(seqs)
+
+        await asyncio.gather(*(one(pending) for pending in live))
+
+    @staticmethod
+    def _settle(live: list[_Pending], seqs: list[int]) -> None:
+        start = 0
+        for pending in live:
+            end = start + len(pending.items)
+            if not pending.future.done():
+                pending.future.set_result(seqs[start:end])
+            start = end
+
+    @staticmethod
+    def _fail(live: list[_Pending], exc: BaseException) -> None:
+        for pending in live:
+            if not pending.future.done():
+                pending.future.set_exception(_publish_error(exc))
+
+
+_GROUP_COMMITS = "_mailgate_group_commits"
+"""The attribute of a nats-py client holding its ``GroupCommit`` per stream."""
+
+
+def connection_group_commit(js: Any, stream: str) -> GroupCommit | None:
+    """The ``GroupCommit`` of ``stream`` shared by the event publishes on ``js``'s
+    connection, made on first use; ``None`` when ``connection_requests`` is (the caller then
+    publishes as without group commit)."""
+    requests = connection_requests(js)
+    if requests is None:
+        return None
+    nc = js._nc
+    commits: dict[str, GroupCommit] | None = getattr(nc, _GROUP_COMMITS, None)
+    if commits is None:
+        commits = {}
+        setattr(nc, _GROUP_COMMITS, commits)
+    group = commits.get(stream)
+    if group is None or group._requests is not requests:
+        group = commits[stream] = GroupCommit(requests, nc, stream)
+        observer = getattr(nc, _BATCH_OBSERVER, None)
+        if observer is not None:
+            group.on_batch = observer
+    return group
+
+
+_BATCH_OBSERVER = "_mailgate_batch_observer"
+
+
+def observe_group_commits(nc: NatsClient, observer: Callable[[int], None]) -> None:
+    """Call ``observer`` with the size of every group commit on ``nc`` (a metric)."""
+    setattr(nc, _BATCH_OBSERVER, observer)
+    for group in (getattr(nc, _GROUP_COMMITS, None) or {}).values():
+        group.on_batch = observer

@@ -12,7 +12,7 @@ from functools import partial
 
 import structlog
 from mailgate_core.config import BaseSettings, ConfigError, Secret
-from mailgate_core.nats import KV_SUPPRESSIONS
+from mailgate_core.nats import KV_SUPPRESSIONS, count_publish_batches
 from mailgate_core.service import ServiceBase
 from mailgate_core.tracking import TokenSigner
 from prometheus_client import CollectorRegistry
@@ -194,6 +194,8 @@ class SmtpIngestService(ServiceBase):
         await super().connect()
         s = self.settings
         nc = self.nc
+        if nc is not None:
+            count_publish_batches(nc, self.registry)  # the group commit of mail events
         index = None
         if s.suppression_index:
             index = SuppressionIndex(

@@ -265,7 +265,10 @@ class IngestHandler:
                 transient = [f for f in failures if isinstance(f, PublishError | TransientError)]
                 raise transient[0] if transient else failures[0]
             events = [o for o in outcomes if not isinstance(o, BaseException)]
-            await publish_events(self._js, events, timeout=self.config.publish_timeout_s)
+            # Group commit: with other sessions' events in one atomic batch under load.
+            await publish_events(
+                self._js, events, timeout=self.config.publish_timeout_s, group=True
+            )
             skipped = sum(1 for e in events if isinstance(e, MailSkipped))
             if skipped:
                 self._metrics.skipped.inc(skipped)
