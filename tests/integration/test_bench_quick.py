@@ -7,15 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# Every module in quick mode takes ~100 s alone on the 2-core machine: more than the suite's
+# 120 s default per test once other tests load the machine. The run itself is bounded below.
+@pytest.mark.timeout(600)
 def test_every_benchmark_module_runs_and_prints_a_row_with_figures() -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick"],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=540,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
