@@ -190,6 +190,91 @@ def _infrastructure_pids(stack: Stack) -> dict[str, int]:
     return pids
 
 
+#: Counters of the stack's database read before and after the flood (pg_stat_database,
+#: pg_stat_wal): transactions, rows and WAL flushes per message.
+_PG_STATS = """
+SELECT d.xact_commit, d.xact_rollback, d.tup_inserted, d.tup_updated, d.tup_deleted,
+       w.wal_records, w.wal_bytes, w.wal_write, w.wal_sync
+FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = current_database()
+"""
+
+
+def _pg_stats(stack: Stack) -> dict[str, Any]:
+    """The database's counters (``_PG_STATS``) and, per Postgres process of the stack, its
+    kind (the application name of a client backend, else its backend type) and CPU seconds."""
+    if stack.postgres is None or not stack.database_url:
+        return {}
+    import asyncpg
+
+    async def read() -> dict[str, Any]:
+        conn = await asyncpg.connect(stack.database_url)
+        try:
+            counters = dict(await conn.fetchrow(_PG_STATS) or {})
+            kinds = {
+                r["pid"]: r["application_name"] or r["backend_type"]
+                for r in await conn.fetch(
+                    "SELECT pid, application_name, backend_type FROM pg_stat_activity"
+                )
+            }
+        finally:
+            await conn.close()
+        return {"counters": counters, "kinds": kinds}
+
+    try:
+        stats = asyncio.run(read())
+    except Exception:  # a figure, not the benchmark
+        return {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu: dict[int, float] = {}
+    for pid in stats["kinds"]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    stats["cpu"] = cpu
+    stats["ledger"] = _ledger_batches(stack)
+    return stats
+
+
+def _ledger_batches(stack: Stack) -> Counter[str]:
+    """The ledger's batches per stream and facts recorded so far (its /metrics)."""
+    out: Counter[str] = Counter()
+    url = f"http://127.0.0.1:{stack.ports['ledger']}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if line.startswith("mailgate_ledger_batch_seconds_count{"):
+            out["batches " + line.split('stream="')[1].split('"')[0]] += int(
+                float(line.split()[-1])
+            )
+        elif line.startswith("mailgate_ledger_events_total{"):
+            out["facts"] += int(float(line.split()[-1]))
+    return out
+
+
+def _pg_note(before: dict[str, Any], after: dict[str, Any], count: int) -> str:
+    """Per message: the database's counters, and Postgres CPU ms by process kind."""
+    if not before or not after:
+        return ""
+    parts = [
+        f"{name} {(after['counters'][name] - before['counters'][name]) / count:.2f}"
+        for name in after["counters"]
+        if name != "wal_bytes"
+    ]
+    wal_bytes = after["counters"]["wal_bytes"] - before["counters"]["wal_bytes"]
+    parts.append(f"wal_bytes {wal_bytes / count:.0f}")
+    parts += [
+        f"{k} {(v - before['ledger'].get(k, 0)) / count:.2f}" for k, v in after["ledger"].items()
+    ]
+    by_kind: Counter[str] = Counter()
+    for pid, seconds in after["cpu"].items():
+        by_kind[after["kinds"][pid]] += seconds - before["cpu"].get(pid, 0.0)
+    parts += [f"cpu ms {k} {v / count * 1000:.2f}" for k, v in by_kind.most_common() if v > 0]
+    return ", ".join(parts)
+
+
 def _ms(values: list[float], q: float) -> float:
     return percentile(values, q) * 1000
 
@@ -288,6 +373,7 @@ async def run(opts: Options) -> list[Row]:
             infra = _infrastructure_pids(stack)
             cpu0 = {n: process_tree_cpu_s(pid) for n, pid in {**pids, **infra}.items()}
             nats0 = await asyncio.to_thread(_nats_msgs, stack)
+            pg0 = await asyncio.to_thread(_pg_stats, stack)
             tls = ssl.create_default_context()
             tls.check_hostname = False
             tls.verify_mode = ssl.CERT_NONE
@@ -320,6 +406,8 @@ async def run(opts: Options) -> list[Row]:
                 n: v - nats0.get(n, 0)
                 for n, v in (await asyncio.to_thread(_nats_msgs, stack)).items()
             }
+            await asyncio.sleep(1.5)  # backends report their statistics when idle, within 1 s
+            pg_note = _pg_note(pg0, await asyncio.to_thread(_pg_stats, stack), count)
             postal_url = stack.postal_api_url
             flood = await asyncio.to_thread(_sandbox_messages, postal_url)
             flood_at = {str(m["message_id"]).split("@")[0]: float(m["timestamp"]) for m in flood}
@@ -333,12 +421,15 @@ async def run(opts: Options) -> list[Row]:
             paced_total = max(SESSIONS, round(paced_rate * paced_s))
             if opts.quick:
                 paced_total = min(paced_total, count)
-            paced_cpu0 = {n: process_tree_cpu_s(pid) for n, pid in pids.items()}
+            paced_pids = {**pids, **infra}  # nats-server and Postgres too
+            paced_cpu0 = {n: process_tree_cpu_s(pid) for n, pid in paced_pids.items()}
             paced_intake = await _paced(
                 stack.ports["smtp"], tls, cred, data, paced_rate, paced_total, accepted
             )
             await _wait_for_hooks(receiver, count + paced_total, 60 if opts.quick else 120)
-            paced_cpu = {n: process_tree_cpu_s(pid) - paced_cpu0[n] for n, pid in pids.items()}
+            paced_cpu = {
+                n: process_tree_cpu_s(pid) - paced_cpu0[n] for n, pid in paced_pids.items()
+            }
             messages = await asyncio.to_thread(_sandbox_messages, postal_url)
             rss = {
                 name: max(peak_rss_bytes(pid) for pid in tree_pids(proc.pid))
@@ -453,6 +544,8 @@ async def run(opts: Options) -> list[Row]:
                 + f"; with the services: {all_ms:.2f} ms of CPU per message on this machine",
             )
         )
+    if pg_note:
+        rows.append(Row(benchmark="e2e flood: Postgres per msg", note=pg_note))
     if nats_msgs:
         rows.append(
             Row(

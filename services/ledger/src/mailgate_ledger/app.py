@@ -84,6 +84,7 @@ class LedgerService(ServiceBase):
         super().__init__(settings, registry=registry)
         self.pool: asyncpg.Pool | None = None
         self.partitions: PartitionKeeper | None = None
+        self.outbox: Outbox | None = None
         self.tasks: list[asyncio.Task[None]] = []
 
     async def stop(self) -> None:
@@ -169,6 +170,7 @@ async def build(
     metrics = LedgerMetrics(service.registry)
     kv = KvSync(pool, cache, interval_s=settings.kv_resync_interval_s)
     outbox = Outbox(pool, service.js, metrics, interval_s=settings.outbox_interval_s, nc=service.nc)
+    service.outbox = outbox
     ingestor = Ingestor(pool, outbox, kv, metrics, partitions)
     for stream, durable, subject in CONSUMERS:
         service.workers.append(

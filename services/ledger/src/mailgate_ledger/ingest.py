@@ -31,10 +31,11 @@ batches of one stream also claim and commit in the order they were fetched (``_T
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +71,7 @@ from nats.aio.msg import Msg
 
 from .kvsync import KvSync
 from .metrics import LedgerMetrics
-from .outbox import Outbox, OutboxRow
+from .outbox import Carrier, Outbox, OutboxRow
 from .partitions import PartitionKeeper
 from .status import ONCE_PER_MESSAGE, SUPPRESSING_STATUSES, Fact, classify, rank
 
@@ -170,6 +171,40 @@ def _ts(seconds: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
 
 
+# A batch's transaction starts in the round trip of its BEGIN with the planner told to use
+# indexes and nested loops only: every statement of a batch looks rows up by the ids it
+# carries, a handful per batch, and must never scan a table. Left to statistics the planner
+# chose hash joins over sequential scans of ``messages`` and ``events`` (the status UPDATE
+# joined to its unnest, the earlier-pending UPDATE): its plans are made when a table (a new
+# month's partition, a fresh database) is empty or not yet analysed, and asyncpg's prepared
+# statements keep such a generic plan while the table grows, until autovacuum analyses it
+# (a minute at best): each batch then read every row of the month. Measured in the e2e
+# flood (3,000 mails): 900 sequential scans reading 8M rows, about half of Postgres' CPU.
+# ``SET LOCAL`` ends with the transaction; other users of the pool (the admin API) plan
+# as before. Disabled plan kinds are still used where nothing else can answer a query.
+SQL_BEGIN = (
+    "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; "
+    "SET LOCAL enable_mergejoin = off; SET LOCAL plan_cache_mode = force_generic_plan"
+)
+
+
+@contextlib.asynccontextmanager
+async def _batch_transaction(conn: Conn) -> AsyncIterator[None]:
+    """``conn.transaction()`` with ``SQL_BEGIN``: commits when the block ends, rolls back
+    when it raises (a failed COMMIT, or one Postgres answers with ROLLBACK, raises)."""
+    await conn.execute(SQL_BEGIN)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if not conn.is_closed() and conn.is_in_transaction():
+                await conn.execute("ROLLBACK")
+        raise
+    status = await conn.execute("COMMIT")
+    if status != "COMMIT":
+        raise asyncpg.InterfaceError(f"batch transaction not committed: {status}")
+
+
 class _Yielded(Exception):
     """The batch ahead did not end in time: this transaction rolls back and runs again."""
 
@@ -235,6 +270,22 @@ class Committed:
 # arrays (cheaper to send than asyncpg's arrays, see SQL_WRITE_FACTS); the keys are sorted
 # here, so every transaction takes its locks in the same order.
 SQL_LOCK_AND_CLAIM = """
+SELECT * FROM ledger_lock_and_claim(
+    ARRAY(SELECT k::bigint FROM jsonb_array_elements_text($1::text::jsonb) AS k ORDER BY 1),
+    ARRAY(SELECT jsonb_array_elements_text($2::text::jsonb)))
+"""
+
+# SQL_LOCK_AND_CLAIM, marking in the same statement outbox rows published while this batch
+# was starting ($3, ``outbox.Carrier``; SQL_WRITE_FACTS' $11 takes those published since):
+# their ``published_at`` costs no statement and no commit of its own. SKIP LOCKED: a row the
+# outbox's republishing loop holds is marked by that loop; nothing here waits for a row
+# lock (only that loop and these marks lock outbox rows).
+SQL_MARK_LOCK_AND_CLAIM = """
+WITH marked AS (
+    UPDATE outbox SET published_at = now()
+    WHERE id IN (SELECT id FROM outbox WHERE id = ANY($3::bigint[]) AND published_at IS NULL
+                 FOR UPDATE SKIP LOCKED)
+)
 SELECT * FROM ledger_lock_and_claim(
     ARRAY(SELECT k::bigint FROM jsonb_array_elements_text($1::text::jsonb) AS k ORDER BY 1),
     ARRAY(SELECT jsonb_array_elements_text($2::text::jsonb)))
@@ -309,6 +360,10 @@ WITH facts AS (
          AS v(id, status, rnk, pid, tok)
     WHERE m.mailgate_id = v.id
       AND (m.status_rank < v.rnk OR (m.postal_id IS NULL AND v.pid IS NOT NULL))
+), marked AS (
+    UPDATE outbox SET published_at = now()
+    WHERE id IN (SELECT id FROM outbox WHERE id = ANY($11::bigint[]) AND published_at IS NULL
+                 FOR UPDATE SKIP LOCKED)
 )
 INSERT INTO outbox (subject, msg_id, payload)
 SELECT * FROM unnest($5::text[], $6::text[], $7::bytea[])
@@ -714,37 +769,48 @@ class Ingestor:
                 unique.append(item)
         result = Committed(duplicates=len(items) - len(unique))
         await turn.before_claim()
-        async with self._pool.acquire(timeout=10) as conn, conn.transaction():
-            try:
-                claimed = await self._lock_and_claim(conn, unique)
-            finally:
-                turn.claimed.set()
-            new = [item for item in unique if item.event.event_id in claimed]
-            result.recorded = len(new)
-            result.duplicates += len(unique) - len(new)
-            if new:
-                await self._find_messages(conn, new)
-                linked, postal_ids = await self._apply_mail_facts(conn, new)
-                result.dead_letters = await self._insert_dead_letters(conn, new)
-                await self._upsert_postmaster(conn, new)
-                await self._write_facts(conn, new, linked, postal_ids, result)
-            await turn.before_commit()
+        carrier = self._outbox.carrier()  # outbox rows published meanwhile: marked here
+        try:
+            async with self._pool.acquire(timeout=10) as conn, _batch_transaction(conn):
+                try:
+                    claimed = await self._lock_and_claim(conn, unique, carrier.take())
+                finally:
+                    turn.claimed.set()
+                new = [item for item in unique if item.event.event_id in claimed]
+                result.recorded = len(new)
+                result.duplicates += len(unique) - len(new)
+                if new:
+                    await self._find_messages(conn, new)
+                    linked, postal_ids = await self._apply_mail_facts(conn, new)
+                    result.dead_letters = await self._insert_dead_letters(conn, new)
+                    await self._upsert_postmaster(conn, new)
+                    await self._write_facts(conn, new, linked, postal_ids, result, carrier)
+                carrier.done()
+                await turn.before_commit()
+        except BaseException:
+            carrier.give_back()  # not committed: marked later
+            raise
         for item in new:
             self._metrics.events.labels(item.event.subject()).inc()
         return result
 
-    async def _lock_and_claim(self, conn: Conn, items: list[Item]) -> set[str]:
+    async def _lock_and_claim(
+        self, conn: Conn, items: list[Item], marks: Sequence[int] = ()
+    ) -> set[str]:
         """Take the batch's advisory locks (sorted), then claim its event ids; return the ids
-        claimed now (the new facts)."""
+        claimed now (the new facts). ``marks``: outbox rows to mark published meanwhile."""
         keys = {lock_key("m", i.mailgate_id) for i in items if i.mailgate_id}
         keys |= {lock_key("p", i.postal_id) for i in items if i.postal_id is not None}
-        rows = await conn.fetch(
-            SQL_LOCK_AND_CLAIM,
+        args: list[Any] = [
             msgspec.json.encode(sorted(keys)).decode(),
             # Sorted too: concurrent batches holding a redelivered fact each claim in one
             # order, so they wait for each other instead of deadlocking.
             msgspec.json.encode(sorted(i.event.event_id for i in items)).decode(),
-        )
+        ]
+        if marks:
+            rows = await conn.fetch(SQL_MARK_LOCK_AND_CLAIM, *args, list(marks))
+        else:
+            rows = await conn.fetch(SQL_LOCK_AND_CLAIM, *args)
         return {r[0] for r in rows}
 
     async def _find_messages(self, conn: Conn, items: list[Item]) -> None:
@@ -856,6 +922,7 @@ class Ingestor:
         linked: set[str],
         postal_ids: dict[str, tuple[int, str | None]],
         result: Committed,
+        carrier: Carrier | None = None,
     ) -> None:
         """Insert the new facts and turn every fact whose message row exists into its status
         event in the outbox, in (occurred_at, event_id) order: the batch's facts and the
@@ -967,6 +1034,7 @@ class Ingestor:
             msgspec.json.encode(list(earlier.values())).decode(),
             [postal_ids.get(mid, no_postal_id)[0] for mid in updated],
             [postal_ids.get(mid, no_postal_id)[1] for mid in updated],
+            carrier.take() if carrier is not None else [],
         )
         sent = {msg_id: i for i, msg_id in enumerate(msg_ids)}
         for r in inserted:

@@ -64,10 +64,11 @@ def _campaign_of(payload: bytes) -> str:
 
 
 #: How long published rows wait to be marked together (``published_at``, one statement and
-#: one commit for all). No wait by default: the rows published while a mark runs go in the next
-#: one, and a status on STATUS is marked published as soon as before. (A row published and
-#: not yet marked when the process dies is republished after the outbox's grace period, and
-#: JetStream drops the duplicate.)
+#: one commit for all) when no batch transaction is open to carry the mark (``Carrier``). No
+#: wait by default: the rows published while a mark runs go in the next one, and a status on
+#: STATUS is marked published as soon as before. (A row published and not yet marked when
+#: the process dies is republished after the outbox's grace period, and JetStream drops the
+#: duplicate.)
 MARK_LINGER_S = 0.0
 #: Status events per JetStream atomic batch (the server accepts up to 1,000).
 ATOMIC_BATCH_MAX = 256
@@ -239,6 +240,41 @@ class _AckPipeline:
         return results
 
 
+class Carrier:
+    """One batch transaction's part in marking published rows: while it can still run a
+    statement (``take`` before it), the rows published meanwhile wait for it instead of
+    costing a statement and a commit of their own; the marks it took commit with it, or come
+    back when it does not commit (``give_back``). ``done`` once it takes no more (before its
+    COMMIT); what is left is then marked by the outbox, unless another batch is open."""
+
+    __slots__ = ("_done", "_outbox", "taken")
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+        self._done = False
+        self.taken: list[int] = []
+
+    def take(self) -> list[int]:
+        """The published rows to mark in the caller's next statement."""
+        if self._done:
+            return []
+        ids = self._outbox._take()
+        self.taken += ids
+        return ids
+
+    def done(self) -> None:
+        if not self._done:
+            self._done = True
+            self._outbox._carrier_done()
+
+    def give_back(self) -> None:
+        """The transaction did not commit: its marks are marked later."""
+        self.done()
+        ids, self.taken = self.taken, []
+        if ids:
+            self._outbox._give_back(ids)
+
+
 @dataclass(frozen=True)
 class OutboxRow:
     id: int
@@ -251,14 +287,14 @@ class Outbox:
     """Publishes committed status events (``submit``) and republishes what is left (``run``).
 
     Rows submitted while a publish is out wait for it and then go together (at most
-    ``max_publishing`` publishes at once, each up to ``max_rows_per_publish`` rows): the
-    batches of several streams committed close together cost one atomic batch, one PubAck
-    and one store for JetStream, not one each. Marks are coalesced too (one ``UPDATE`` and
-    one commit at a time, for every row published meanwhile and over ``mark_linger_s``,
-    instead of one per batch); a mark that is lost (a crash, Postgres down) only means a
-    republish after ``grace_s``, which JetStream's de-duplication drops. ``submit`` waits while
-    ``max_inflight`` batches' worth of rows is queued or out, so a slow NATS slows intake
-    instead of growing memory."""
+    ``max_publishing`` publishes at once, each up to ``max_rows_per_publish`` rows): the batches
+    of several streams committed close together cost one atomic batch, one PubAck and one store
+    for JetStream, not one each. Marks ride on a batch transaction open at the time
+    (``Carrier``), else are coalesced (one ``UPDATE`` and one commit at a time, for every row
+    published meanwhile and over ``mark_linger_s``, instead of one per batch); a mark that is
+    lost (a crash, Postgres down) only means a republish after ``grace_s``, which JetStream's
+    de-duplication drops. ``submit`` waits while ``max_inflight`` batches' worth of rows is
+    queued or out, so a slow NATS slows intake instead of growing memory."""
 
     def __init__(
         self,
@@ -290,11 +326,15 @@ class Outbox:
         self._tasks: set[asyncio.Task[None]] = set()
         self._to_mark: list[int] = []
         self._marking = False
-        self._mark_linger_s = mark_linger_s
+        self.mark_linger_s = mark_linger_s
+        """See ``MARK_LINGER_S``."""
         self.publishes = 0
         """Publishes of submitted rows so far (each one atomic batch or pipelined set)."""
         self.marks = 0
-        """``published_at`` updates of submitted rows so far."""
+        """``published_at`` updates of submitted rows so far, in transactions of their own."""
+        self.marks_taken = 0
+        """Sets of published rows batch transactions took to mark (``Carrier.take``)."""
+        self._carriers = 0  # batch transactions open that can still take marks
 
     async def _publish_one(self, row: OutboxRow) -> bool:
         try:
@@ -353,6 +393,53 @@ class Outbox:
         except Exception as exc:  # republished later; JetStream de-duplicates
             log.warning("outbox mark failed", error=str(exc), count=len(ids))
 
+    @property
+    def marks_waiting(self) -> int:
+        """Published rows not marked yet (nor taken by a batch transaction)."""
+        return len(self._to_mark)
+
+    def carrier(self) -> Carrier:
+        """A batch transaction about to start that can carry marks (``Carrier``)."""
+        self._carriers += 1
+        return Carrier(self)
+
+    def _take(self) -> list[int]:
+        ids, self._to_mark = self._to_mark, []
+        if ids:
+            self.marks_taken += 1
+        return ids
+
+    def _carrier_done(self) -> None:
+        self._carriers -= 1
+        self._start_marking()
+
+    def _give_back(self, ids: Sequence[int]) -> None:
+        self._to_mark += ids
+        self._start_marking()
+
+    def _start_marking(self) -> None:
+        """Mark what is waiting unless a batch transaction that can still carry it is open
+        (the last one to finish starts this again), or a mark runs (it takes them next)."""
+        if self._marking or not self._to_mark or self._carriers > 0:
+            return
+        self._marking = True
+        task = asyncio.create_task(self._mark_loop(), name="ledger:outbox-mark")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _mark_loop(self) -> None:
+        try:
+            while self._to_mark and self._carriers == 0:
+                if self.mark_linger_s > 0:
+                    await asyncio.sleep(self.mark_linger_s)
+                ids, self._to_mark = self._to_mark, []
+                if ids:
+                    self.marks += 1
+                    await self._mark(ids)
+        finally:
+            self._marking = False
+        self._start_marking()  # given back meanwhile, with no carrier left
+
     async def submit(self, rows: Sequence[OutboxRow]) -> None:
         """Publish committed rows in the background (with what else is waiting); waits
         while too many rows are queued or out."""
@@ -375,8 +462,8 @@ class Outbox:
             task.add_done_callback(self._tasks.discard)
 
     async def _publish_queued(self, rows: list[OutboxRow]) -> None:
-        """Publish ``rows``, let the next publish start, then mark what is published: at
-        once, as one batch's publish did, unless a mark is running (that one takes them)."""
+        """Publish ``rows``, let the next publish start, then leave what is published to be
+        marked (by a batch transaction, else by ``_mark_loop``)."""
         done: list[int] = []
         try:
             self.publishes += 1
@@ -388,21 +475,9 @@ class Outbox:
             self._held -= len(rows)
             self._room.set()
             self._start_publishes()
-        if not done:
-            return
-        self._to_mark += done
-        if self._marking:
-            return
-        self._marking = True
-        try:
-            while self._to_mark:
-                if self._mark_linger_s > 0:
-                    await asyncio.sleep(self._mark_linger_s)
-                ids, self._to_mark = self._to_mark, []
-                self.marks += 1
-                await self._mark(ids)
-        finally:
-            self._marking = False
+        if done:
+            self._to_mark += done
+            self._start_marking()
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Wait for the publishes and marks in flight (on shutdown)."""
