@@ -76,7 +76,7 @@ def part_filenames(part: Message) -> list[str]:
 
 
 #: The fields a part names itself in (Content-Disposition filename, Content-Type name).
-_NAME_FIELDS = ("content-type", "content-disposition")
+_NAME_FIELDS = frozenset(("content-type", "content-disposition"))
 
 
 @lru_cache(maxsize=4096)
@@ -123,7 +123,6 @@ def find_forbidden_attachment(raw: bytes, parts: Sequence[MimePart] | None = Non
         walked = parts if parts is not None else strict_parts(raw)
         if walked is None:
             raise MalformedMime("left to the email package")
-        declared = [tuple(f for f in part.fields if f.key in _NAME_FIELDS) for part in walked]
     except Exception:  # MalformedMime, or anything odd in a header: ask the email package
         try:
             message = email.message_from_bytes(raw, policy=email.policy.compat32)
@@ -131,8 +130,14 @@ def find_forbidden_attachment(raw: bytes, parts: Sequence[MimePart] | None = Non
         except RecursionError:  # hundreds of nested parts: what is inside cannot be checked
             raise replies.Rejected(replies.TOO_DEEPLY_NESTED) from None
     else:
-        for fields in declared:
-            extension = _forbidden_in(memo_key(fields)[0])  # (a boundary names no file)
+        for walked_part in walked:
+            declared = tuple([f for f in walked_part.fields if f.key in _NAME_FIELDS])
+            for f in declared:
+                if b"name" in f.raw.lower():
+                    break
+            else:
+                continue  # no filename or name parameter (RFC 2231 forms included)
+            extension = _forbidden_in(memo_key(declared)[0])  # (a boundary names no file)
             if extension is not None:
                 return extension
         return None

@@ -25,6 +25,7 @@ from .rewrite import HeaderField, scan_header_block
 #: Nesting deeper than this is not walked (strict walks raise).
 MAX_DEPTH = 16
 CONTENT_FIELDS = ("content-type", "content-transfer-encoding", "content-disposition")
+_CONTENT_KEYS = frozenset(CONTENT_FIELDS)
 
 
 class MalformedMime(ValueError):
@@ -63,13 +64,14 @@ def memo_key(fields: tuple[HeaderField, ...]) -> tuple[tuple[HeaderField, ...], 
     """``(fields, boundary)``: ``fields`` with a fixed stand-in for the boundary of a
     boundary-only multipart Content-Type (and that boundary), so that memoised parsing of
     part headers still hits when each message has its own boundary; else ``(fields, None)``."""
-    found = next((i for i, f in enumerate(fields) if f.key == "content-type"), -1)
-    if found < 0:
-        return fields, None
+    keys = [f.key for f in fields]
+    if keys.count("content-type") != 1:
+        return fields, None  # (none, or two Content-Type fields: left as they are)
+    found = keys.index("content-type")
     field = fields[found]
     match = _BOUNDARY_ONLY.fullmatch(field.raw)  # (fails at once for a non-multipart)
-    if match is None or any(f.key == "content-type" for f in fields[found + 1 :]):
-        return fields, None  # (two Content-Type fields: left as they are)
+    if match is None:
+        return fields, None
     generic = HeaderField(
         field.name, field.raw[: match.start(1)] + _STAND_IN.encode() + field.raw[match.end(1) :]
     )
@@ -81,7 +83,7 @@ def content_info(fields: Sequence[HeaderField], default_type: str = "text/plain"
     message, so results are memoised by those header lines (the ``email`` package's
     parameter parsing is the costliest step of reading a small message); a multipart's
     boundary, new in every message, is left out of the key (``memo_key``)."""
-    content = tuple(f for f in fields if f.key in CONTENT_FIELDS)
+    content = tuple([f for f in fields if f.key in _CONTENT_KEYS])
     key, boundary = memo_key(content)
     if boundary is None:
         return _content_info(content, default_type)
@@ -113,9 +115,11 @@ def _content_info(fields: tuple[HeaderField, ...], default_type: str) -> Content
     )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class MimePart:
-    """One part: its header fields and where it lies in the message buffer."""
+    """One part: its header fields and where it lies in the message buffer. Never changed
+    after the walk (not ``frozen``: a frozen dataclass's ``__init__`` makes a call per
+    field, and a message's walk makes one per part)."""
 
     fields: tuple[HeaderField, ...]
     info: ContentInfo
@@ -194,28 +198,60 @@ def walk_body(
 ) -> Iterator[MimePart]:
     """Like ``walk_message`` for a message whose header ``fields`` were read already and
     whose body starts at ``body_start`` in ``buf``."""
-    top = _Span(0, body_start, len(buf), has_body=True)
+    top: _Span = (0, body_start, len(buf), True)
     return _walk(buf, tuple(fields), top, strict, into_attached_messages, 0, "text/plain", False)
 
 
-@dataclass(frozen=True)
-class _Span:
-    start: int
-    body_start: int
-    end: int
-    has_body: bool
+_Span = tuple[int, int, int, bool]
+"""A part's ``(start, body_start, end, has_body)`` (see ``MimePart``)."""
+
+
+#: Body-part header blocks up to this long are read once for every message carrying them
+#: (a campaign's are a few hundred bytes; the memo holds at most ~1 MB of blocks).
+_MEMO_HEAD_MAX = 1024
+
+
+@lru_cache(maxsize=1024)
+def _part_head(
+    block: bytes, default_type: str
+) -> tuple[tuple[HeaderField, ...], int, bool, ContentInfo | None]:
+    """``scan_header_block`` of a part's header block (``block`` ends with the CRLF CRLF
+    that ends it) and the part's content info (``None`` when reading it raised: the walk
+    asks again and raises where it always did). A campaign's body parts have the same
+    header lines message after message (a nested multipart's boundary aside)."""
+    fields, blank, valid = scan_header_block(block, 0, len(block), stop_at_invalid=True)
+    found = tuple(fields)
+    info = None
+    if valid:
+        try:
+            info = content_info(found, default_type)
+        except Exception:
+            info = None
+    return found, blank, valid, info
 
 
 def _child(
-    buf: bytes, start: int, end: int, strict: bool, what: str
-) -> tuple[tuple[HeaderField, ...], _Span] | None:
-    fields, blank, valid = scan_header_block(buf, start, end, stop_at_invalid=True)
+    buf: bytes, start: int, end: int, strict: bool, what: str, default_type: str
+) -> tuple[tuple[HeaderField, ...], _Span, ContentInfo | None] | None:
+    """The part at ``buf[start:end]``: its header fields, span and (when known) content info.
+
+    The header scan stops at the first blank line, so its result depends only on the bytes
+    up to the first CRLF CRLF (a blank line ends there at the latest): those bytes are the
+    memo key of ``_part_head``."""
+    head_end = buf.find(b"\r\n\r\n", start, end)
+    info: ContentInfo | None = None
+    if 0 <= head_end < start + _MEMO_HEAD_MAX:
+        fields, blank, valid, info = _part_head(buf[start : head_end + 4], default_type)
+        blank += start
+    else:
+        scanned, blank, valid = scan_header_block(buf, start, end, stop_at_invalid=True)
+        fields = tuple(scanned)
     if not valid:
         if strict:
             raise MalformedMime(f"{what}: a header line is not a header field")
         return None  # left as received
     body_start, has_body = body_start_after(buf, blank, end)
-    return tuple(fields), _Span(start, body_start, end, has_body)
+    return fields, (start, body_start, end, has_body), info
 
 
 def _walk(
@@ -227,11 +263,12 @@ def _walk(
     depth: int,
     default_type: str,
     in_message: bool,
+    info: ContentInfo | None = None,
 ) -> Iterator[MimePart]:
-    info = content_info(fields, default_type)
-    yield MimePart(
-        fields, info, span.start, span.body_start, span.end, depth, in_message, span.has_body
-    )
+    if info is None:
+        info = content_info(fields, default_type)
+    start, body_start, end, has_body = span
+    yield MimePart(fields, info, start, body_start, end, depth, in_message, has_body)
     if depth >= MAX_DEPTH:
         if strict:
             raise MalformedMime("MIME nesting too deep")
@@ -239,20 +276,23 @@ def _walk(
     if info.content_type.startswith("multipart/"):
         if info.boundary is None:
             return  # the email package reads it as a single part too
-        child_default = "message/rfc822" if info.content_type == "multipart/digest" else ""
-        for child_start, child_end in split_multipart(
-            buf, span.body_start, span.end, info.boundary
-        ):
-            child = _child(buf, child_start, child_end, strict, "a body part")
+        child_default = (
+            "message/rfc822" if info.content_type == "multipart/digest" else "text/plain"
+        )
+        for child_start, child_end in split_multipart(buf, body_start, end, info.boundary):
+            child = _child(buf, child_start, child_end, strict, "a body part", child_default)
             if child is not None:
+                child_fields, child_span, child_info = child
                 yield from _walk(
                     buf,
-                    *child,
+                    child_fields,
+                    child_span,
                     strict,
                     into_messages,
                     depth + 1,
-                    child_default or "text/plain",
+                    child_default,
                     in_message,
+                    child_info,
                 )
     elif into_messages and info.content_type.startswith("message/"):
         # As the email parser: any message/* body is a message (delivery-status excepted).
@@ -260,6 +300,17 @@ def _walk(
             if strict:
                 raise MalformedMime("message/delivery-status is left to the email package")
             return
-        inner = _child(buf, span.body_start, span.end, strict, "an attached message")
+        inner = _child(buf, body_start, end, strict, "an attached message", "text/plain")
         if inner is not None:
-            yield from _walk(buf, *inner, strict, into_messages, depth + 1, "text/plain", True)
+            inner_fields, inner_span, inner_info = inner
+            yield from _walk(
+                buf,
+                inner_fields,
+                inner_span,
+                strict,
+                into_messages,
+                depth + 1,
+                "text/plain",
+                True,
+                inner_info,
+            )

@@ -59,7 +59,7 @@ class HeaderField:
     def value(self) -> str:
         """Unfolded value text (RFC 5322 2.2.3), encoded words left as they are."""
         _, _, rest = self.raw.partition(b":")
-        unfolded = rest.replace(b"\r\n", b"").replace(b"\n", b"").replace(b"\r", b"")
+        unfolded = rest.translate(None, b"\r\n")  # (every CR and LF dropped)
         return unfolded.decode("utf-8", "replace").strip()
 
 
@@ -189,6 +189,20 @@ class HeaderRules:
     def _stripped_prefixes(self) -> tuple[str, ...]:
         return tuple(p.lower() for p in self.strip_prefixes if p)
 
+    @cached_property
+    def _external_id_keys(self) -> tuple[str, ...]:
+        return tuple(h.lower() for h in self.external_id_headers)
+
+    @cached_property
+    def _campaign_id_keys(self) -> tuple[str, ...]:
+        return tuple(h.lower() for h in self.campaign_id_headers)
+
+    @cached_property
+    def _read_keys(self) -> frozenset[str]:
+        """The fields ``prepare`` reads values of."""
+        names = (*self._external_id_keys, *self._campaign_id_keys, "subject", "from")
+        return frozenset((*names, self.tracking_header.lower()))
+
     def is_stripped(self, key: str) -> bool:
         """``key`` is a lower-cased field name."""
         if not key:
@@ -196,7 +210,7 @@ class HeaderRules:
         return key in self._stripped_names or key.startswith(self._stripped_prefixes)
 
 
-_CAMPAIGN_HEADERS = ("x-postal-tag", "x-postmaster-msgtype")
+_CAMPAIGN_HEADERS = frozenset(("x-postal-tag", "x-postmaster-msgtype"))
 _TRACKING_OFF = {"off", "no", "false", "0", "disabled"}
 
 
@@ -230,21 +244,23 @@ class PreparedMessage:
         return len(self.source) - self.body_offset
 
 
-def _first_value(fields: list[HeaderField], names: tuple[str, ...]) -> str | None:
-    for name in names:
-        key = name.lower()
-        for f in fields:
-            if f.key == key:
-                value = decode_words(f.value()).strip()
-                if value:
-                    return value
+def _first_value(by_key: dict[str, list[HeaderField]], keys: tuple[str, ...]) -> str | None:
+    """The first non-empty value of the fields named ``keys`` (lower-cased), in that order."""
+    for key in keys:
+        for f in by_key.get(key, ()):
+            value = decode_words(f.value()).strip()
+            if value:
+                return value
     return None
 
 
 def _clean_id(value: str | None) -> str | None:
     if value is None:
         return None
-    cleaned = "".join(ch for ch in value if ch.isprintable()).strip()
+    if value.isprintable():  # (the common case: no character to drop)
+        cleaned = value.strip()
+    else:
+        cleaned = "".join(ch for ch in value if ch.isprintable()).strip()
     return cleaned[:255] or None
 
 
@@ -256,23 +272,31 @@ def prepare(
     fields, blank, valid = header if header is not None else scan_header_block(raw, 0, len(raw))
     first = fields[0].raw if fields else b""
     newline = b"\n" if first.endswith(b"\n") and not first.endswith(b"\r\n") else b"\r\n"
-    external_id = _clean_id(_first_value(fields, rules.external_id_headers))
-    campaign_id = _clean_id(_first_value(fields, rules.campaign_id_headers))
-    subject = decode_words(next((f.value() for f in fields if f.key == "subject"), ""))
-    from_addresses = addresses_in([f.value() for f in fields if f.key == "from"])
+    read = rules._read_keys
+    by_key: dict[str, list[HeaderField]] = {}  # the fields read below, in document order
+    for f in fields:
+        if f.key in read:
+            if f.key in by_key:
+                by_key[f.key].append(f)
+            else:
+                by_key[f.key] = [f]
+    external_id = _clean_id(_first_value(by_key, rules._external_id_keys))
+    campaign_id = _clean_id(_first_value(by_key, rules._campaign_id_keys))
+    subjects = by_key.get("subject")
+    subject = decode_words(subjects[0].value()) if subjects else ""
+    from_addresses = addresses_in([f.value() for f in by_key.get("from", ())])
     opt_out = False
     if rules.tracking_header:
-        switch = _first_value(fields, (rules.tracking_header,))
+        switch = _first_value(by_key, (rules.tracking_header.lower(),))
         opt_out = switch is not None and switch.lower() in _TRACKING_OFF
-    kept = []
-    for f in fields:
-        if rules.is_stripped(f.key):
-            continue
-        if campaign_id is not None and f.key in _CAMPAIGN_HEADERS:
-            continue  # replaced by ours below; Postal uses the last X-Postal-Tag
-        kept.append(f)
+    names, prefixes = rules._stripped_names, rules._stripped_prefixes
+    # (rules.is_stripped inlined; Postal uses the last X-Postal-Tag: ours replace theirs)
+    dropped = names | _CAMPAIGN_HEADERS if campaign_id is not None else names
+    kept = tuple(
+        [f for f in fields if f.key not in dropped and not (f.key and f.key.startswith(prefixes))]
+    )
     return PreparedMessage(
-        fields=tuple(kept),
+        fields=kept,
         source=raw,
         body_offset=blank,
         newline=newline,

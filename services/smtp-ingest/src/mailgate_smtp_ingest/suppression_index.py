@@ -59,8 +59,19 @@ class BloomFilter:
         self.count += 1
 
     def __contains__(self, key: str) -> bool:
+        """``_positions`` one at a time, stopping at the first clear bit: a key that is not
+        in the set (nearly every recipient) usually costs the hash and one probe."""
+        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        position = int.from_bytes(digest[:8], "little")
+        step = int.from_bytes(digest[8:], "little") | 1
+        bits = self._bits
         array = self._array
-        return all(array[p >> 3] >> (p & 7) & 1 for p in self._positions(key))
+        for _ in range(_HASHES):
+            at = position % bits
+            if not array[at >> 3] >> (at & 7) & 1:
+                return False
+            position += step
+        return True
 
 
 class SuppressionIndex:

@@ -156,10 +156,18 @@ class PartTemplate:
     """The part's body as received (used when nothing would change)."""
     new_head: bytes | None = None
     """A replacement header block (CTE upgraded to QP); the splice then starts at the head."""
+    shared: bool = False
+    """Rendered for every message carrying this part (``_shared_part_template``): worth
+    a ``_QpLayout`` from its second render on."""
 
     @cached_property
     def has_unsubscribe(self) -> bool:
         return any(s.kind == "unsubscribe" for s in self.slots)
+
+    @cached_property
+    def clicks(self) -> int:
+        """How many click slots the part has."""
+        return sum(1 for s in self.slots if s.kind == "click")
 
     def _fill(self, slot: Slot, r: _Recipient) -> bytes:
         if slot.kind == "unsubscribe":
@@ -176,6 +184,22 @@ class PartTemplate:
         pieces = self.pieces(r)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def _layout(self, links: TrackingLinks) -> _QpLayout | None:
+        """The part's ``_QpLayout``, made at its second render (a part seen once, such as a
+        personalised one, is not worth one); ``None`` before and when it has none. Kept in
+        the instance's ``__dict__`` beside the frozen fields, as ``cached_property`` does."""
+        state = self.__dict__.get("_qp_layout")
+        if isinstance(state, _QpLayout):
+            return state
+        if state is None:
+            self.__dict__["_qp_layout"] = 1  # rendered once
+            return None
+        if state == 1:
+            made = _QpLayout.of(self, links)
+            self.__dict__["_qp_layout"] = made or 0
+            return made
+        return None  # (0: this part has no layout)
+
     def pieces(self, r: _Recipient) -> list[bytes | memoryview]:
         """The rendered part as pieces to concatenate: an unencoded part is not joined
         here (its literals are views into the message; the copy is made once, by the
@@ -188,6 +212,11 @@ class PartTemplate:
             pieces.append(literal)
         if self.encoding == "identity" and self.charset is None:
             return pieces
+        layout = self._layout(r.links) if self.shared and r.tracking else None
+        if layout is not None:
+            encoded = layout.fill(pieces[2::2])
+            if encoded is not None:
+                return [pieces[0], encoded]
         data = b"".join(pieces[1:])
         if self.charset is not None:
             data = data.decode("utf-8", "surrogateescape").encode(self.charset, "surrogateescape")
@@ -221,6 +250,135 @@ def _encode_qp(data: bytes, newline: bytes) -> bytes:
     if newline == b"\r\n" and b"\n" in encoded and b"\r\n" not in encoded:
         encoded = encoded.replace(b"\n", b"\r\n")  # b2a_qp keeps the input's line breaks
     return encoded
+
+
+#: Characters ``binascii.b2a_qp`` always writes as they are, whatever surrounds them, and
+#: whose presence changes nothing around them (not a blank, ``=``, ``.``, CR or LF): the
+#: base64url alphabet of tracking tokens (``_QpLayout``).
+_QP_PLAIN_SPAN = re.compile(rb"[A-Za-z0-9_-]*")
+
+
+#: The id ``_QpLayout`` renders a part for (any canonical ULID: every id has tokens of the
+#: same length).
+_LAYOUT_PROBE_ID = "01HZZZZZZZZZZZZZZZZZZZZZZZ"
+_NONZERO_RUN = re.compile(rb"[^\x00]+")
+
+
+@dataclass(frozen=True)
+class _QpLayout:
+    """A quoted-printable part encoded once, with holes for what differs per recipient.
+
+    A part's slot fills (click, unsubscribe and pixel URLs) differ between recipients only
+    in their tokens, which have the same length for every recipient (the mailgate id is a
+    ULID, packed into 16 bytes) and consist of ``_QP_PLAIN`` characters: the encoder then
+    makes the same decisions (escapes, soft line breaks) for every recipient, and each
+    token character lands at the same place in the output. The part is encoded once with
+    stand-in characters; a recipient's copy is that output with its token characters in
+    the holes, byte for byte what encoding the copy's part would give (a fill of another
+    shape takes the encoder, see ``fill``). ``b2a_qp`` was the largest single cost of
+    rendering a copy of a small campaign message."""
+
+    gaps: tuple[bytes, ...]
+    """The encoded part around the holes: ``gaps[0] hole[0] gaps[1] ... gaps[n]``."""
+    holes: tuple[tuple[int, int, int], ...]
+    """``(slot, start, end)``: the hole holds ``fill[start:end]`` of that slot's fill (a
+    soft line break may cut a fill's span in two)."""
+    shapes: tuple[tuple[int, bytes, bytes, int, int], ...]
+    """Per slot ``(length, head, tail, start, end)``: every recipient's fill has that
+    length, starts with ``head`` and ends with ``tail``; ``[start:end]`` is its span of
+    ``_QP_PLAIN`` characters that differs between recipients."""
+
+    @classmethod
+    def of(cls, part: PartTemplate, links: TrackingLinks) -> _QpLayout | None:
+        """The layout of ``part`` (quoted-printable, bytes mode), ``None`` when its fills do
+        not have the shape described above."""
+        if part.encoding != "quoted-printable" or part.charset is not None:
+            return None
+        probe = _LAYOUT_PROBE_ID
+        recipient = _Recipient(
+            links=links,
+            mailgate_id=probe,
+            tracking=True,
+            unsubscribe_url=links.unsubscribe_url(probe),
+            open_url=links.open_url(probe),
+        )
+        signer = links.signer
+        shapes = []
+        fills = []
+        for slot in part.slots:
+            fill = part._fill(slot, recipient)
+            if slot.kind == "click":
+                token = signer.make_click_token(probe, slot.url)
+            elif slot.kind == "unsubscribe":
+                token = signer.make_unsub_token(probe)
+            else:
+                token = signer.make_open_token(probe)
+            start = fill.find(token.encode())
+            if start < 0 or fill.find(token.encode(), start + 1) >= 0:
+                return None  # (the token is not where a recipient's differs)
+            end = start + len(token)
+            if _QP_PLAIN_SPAN.fullmatch(fill, start, end) is None:
+                return None
+            shapes.append((len(fill), fill[:start], fill[end:], start, end))
+            fills.append(fill)
+        variants = []
+        for stand_in in (b"A", b"B"):
+            data = [part.literals[0]]
+            for fill, (_, _, _, start, end), literal in zip(
+                fills, shapes, part.literals[1:], strict=True
+            ):
+                data += [fill[:start], stand_in * (end - start), fill[end:], literal]
+            variants.append(_encode_qp(b"".join(data), part.newline))
+        encoded, other = variants
+        if len(encoded) != len(other):
+            return None
+        # Where the two differ: exactly the span characters, in order, in runs cut only by
+        # soft line breaks.
+        difference = (int.from_bytes(encoded, "big") ^ int.from_bytes(other, "big")).to_bytes(
+            len(encoded), "big"
+        )
+        runs = [m.span() for m in _NONZERO_RUN.finditer(difference)]
+        if sum(b - a for a, b in runs) != sum(end - start for *_, start, end in shapes):
+            return None
+        holes: list[tuple[int, int, int]] = []  # (slot, fill start, fill end)
+        index, at = 0, shapes[0][3] if shapes else 0
+        for run_start, run_end in runs:
+            while at == shapes[index][4]:  # the slot's span is done: the next slot's
+                index += 1
+                at = shapes[index][3]
+            take = min(run_end - run_start, shapes[index][4] - at)
+            if take != run_end - run_start:
+                return None  # (a run across two slots: spans never touch in the output)
+            holes.append((index, at, at + take))
+            at += take
+        gaps = []
+        previous = 0
+        for run_start, run_end in runs:
+            gaps.append(encoded[previous:run_start])
+            previous = run_end
+        gaps.append(encoded[previous:])
+        return cls(tuple(gaps), tuple(holes), tuple(shapes))
+
+    def fill(self, fills: Sequence[bytes | memoryview]) -> bytes | None:
+        """The encoded part with these slot fills; ``None`` when one of them does not fit
+        the layout (the caller then encodes the part itself)."""
+        values: list[bytes] = []
+        for value, (length, head, tail, start, end) in zip(fills, self.shapes, strict=True):
+            if (
+                not isinstance(value, bytes)
+                or len(value) != length
+                or not value.startswith(head)
+                or not value.endswith(tail)
+                or _QP_PLAIN_SPAN.fullmatch(value, start, end) is None
+            ):
+                return None
+            values.append(value)
+        gaps = self.gaps
+        out = [gaps[0]]
+        for (slot, start, end), gap in zip(self.holes, gaps[1:], strict=True):
+            out.append(values[slot][start:end])
+            out.append(gap)
+        return b"".join(out)
 
 
 # --- the message-level template -------------------------------------------------------------
@@ -468,7 +626,8 @@ def _shared_part_template(
     links found once, not once per message. Templates are immutable and hold their own
     copy of the body (``body`` is one), never a view into a message buffer. A part whose
     bytes differ (a personalised body) costs a copy and a hash, and misses."""
-    return _part_template(fields, info, body, newline, links, blank=blank)
+    template = _part_template(fields, info, body, newline, links, blank=blank)
+    return None if template is None else replace(template, shared=True)
 
 
 def _splice_for(buf: bytes, part: MimePart, newline: bytes, links: TrackingLinks) -> _Splice | None:
@@ -522,7 +681,7 @@ def plan_body_at(
     ``lenient_parts``): the body is then not walked again."""
     if body_offset >= len(buf):
         return BodyTemplate(gaps=(b"",), parts=())
-    if any(not f.name for f in fields):
+    if "" in [f.name for f in fields]:
         raise ValueError("a header line is not a header field")
     if parts is None:
         blank = 2 if buf[body_offset : body_offset + 2] == b"\r\n" else 1
@@ -535,7 +694,7 @@ def plan_body_at(
         splice = _splice_for(buf, found, newline, links)
         if splice is None:
             continue
-        tracked += sum(1 for slot in splice.part.slots if slot.kind == "click")
+        tracked += splice.part.clicks
         if tracked > MAX_TRACKED_LINKS:
             raise ValueError("too many links to track")
         splices.append(splice)
