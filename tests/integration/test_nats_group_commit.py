@@ -26,7 +26,7 @@ from mailgate_core.nats import (
 )
 from mailgate_core.schemas import MailSkipped, MessageRef, TrackOpen
 from mailgate_fakes.infra import NatsServer
-from mailgate_fakes.testing import eventually
+from mailgate_fakes.testing import publish_through_a_server_kill, stored_ids
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
@@ -57,17 +57,6 @@ def group_of(js: JetStreamContext, *, window: int | None = None) -> nats_wire.Gr
     return group
 
 
-async def stored_ids(js: JetStreamContext, stream: str = "MAIL") -> dict[str, list[int]]:
-    """Every stored message's ``Nats-Msg-Id`` and the sequences holding it."""
-    found: dict[str, list[int]] = {}
-    info = await js.stream_info(stream)
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        msg = await js.get_msg(stream, seq)
-        assert msg.headers is not None
-        found.setdefault(msg.headers["Nats-Msg-Id"], []).append(seq)
-    return found
-
-
 async def test_mail_events_go_to_mail_only_streams_with_allow_atomic_are_grouped() -> None:
     assert atomic_stream_of([skipped(), skipped()]) == "MAIL"
     assert atomic_stream_of([TrackOpen(mailgate_id="m")]) is None  # TRACK: no allow_atomic
@@ -92,7 +81,7 @@ async def test_concurrent_publishers_are_coalesced_and_each_is_stored_at_its_seq
     # (each one PubAck) than callers.
     assert len(sizes) < len(callers) / 3
     assert max(sizes) >= group.atomic_min
-    stored = await stored_ids(js)
+    stored = await stored_ids(js, "MAIL")
     assert len(stored) == published and all(len(seqs) == 1 for seqs in stored.values())
     for events, seqs in zip(callers, results, strict=True):
         assert [stored[e.event_id][0] for e in events] == seqs
@@ -126,7 +115,7 @@ async def test_a_duplicate_in_a_batch_fails_nobody_and_is_stored_once(conn: nats
     await blocker
     assert group.one_by_one >= 1  # the batch holding it was refused and republished
     assert results[17][1] == old_seq
-    stored = await stored_ids(js)
+    stored = await stored_ids(js, "MAIL")
     assert all(len(seqs) == 1 for seqs in stored.values())
     for events, seqs in zip(callers, results, strict=True):
         assert [stored[e.event_id][0] for e in events] == seqs
@@ -235,42 +224,21 @@ async def test_a_server_kill_mid_stream_acks_nothing_unstored_and_nothing_twice(
     nats_server: NatsServer, conn: nats.NATS
 ) -> None:
     js = conn.jetstream()
-    acked: dict[str, int] = {}
-    failed: list[MailSkipped] = []
-    after_restart = 0
-    restarted = asyncio.Event()
-
-    async def session(size: int) -> None:
-        nonlocal after_restart
-        while after_restart < 300:
-            events = [skipped() for _ in range(size)]
-            try:
-                seqs = await publish_events(js, events, timeout=2.0, group=True)
-            except PublishError:
-                failed.extend(events)
-                await asyncio.sleep(0.05)
-                continue
-            acked.update((e.event_id, seq) for e, seq in zip(events, seqs, strict=True))
-            if restarted.is_set():
-                after_restart += len(events)
-
-    def kill_and_restart() -> None:
-        nats_server.stop(kill=True)  # SIGKILL: only what was synced survives
-        nats_server.start()
-
     group = group_of(js, window=4)
-    sessions = [asyncio.create_task(session(1 + i % 2)) for i in range(20)]
-    await eventually(lambda: len(acked) >= 300, timeout=20, what="acks before the kill")
-    batches_before = group.batches
-    await asyncio.to_thread(kill_and_restart)
-    await eventually(lambda: conn.is_connected, timeout=20, what="reconnected")
-    restarted.set()
-    await asyncio.wait_for(asyncio.gather(*sessions), 60)
-
-    assert batches_before > 0 and group.batches > batches_before  # batched before and after
+    batches_before: list[int] = []
+    acked, failed = await publish_through_a_server_kill(
+        nats_server,
+        conn,
+        lambda events: publish_events(js, events, timeout=2.0, group=True),
+        [lambda size=1 + i % 2: [skipped() for _ in range(size)] for i in range(20)],
+        acks_before=300,
+        before_kill=lambda: batches_before.append(group.batches),
+    )
+    # batched before the kill and after the restart
+    assert batches_before[0] > 0 and group.batches > batches_before[0]
     for event in failed:  # the client's retry (same ids): stored at most once
         acked[event.event_id] = (await publish_events(js, [event], group=True))[0]
-    stored = await stored_ids(js)
+    stored = await stored_ids(js, "MAIL")
     assert all(len(seqs) == 1 for seqs in stored.values()), "a message id stored twice"
     missing = {i: seq for i, seq in acked.items() if stored.get(i) != [seq]}
     assert not missing, f"acked but not stored at its seq: {list(missing.items())[:5]}"

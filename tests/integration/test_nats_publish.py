@@ -34,7 +34,7 @@ from mailgate_core.nats import (
 from mailgate_core.schemas import TrackOpen, encode
 from mailgate_core.service import ServiceBase
 from mailgate_fakes.infra import NatsServer
-from mailgate_fakes.testing import eventually
+from mailgate_fakes.testing import eventually, publish_through_a_server_kill, stored_ids
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
@@ -225,49 +225,21 @@ async def test_publishes_resume_after_a_server_kill_and_none_is_acked_unstored(
     nats_server: NatsServer, conn: nats.NATS
 ) -> None:
     js = conn.jetstream()
-    acked: dict[str, int] = {}
-    failed: list[TrackOpen] = []
-    after_restart = 0
-    restarted = asyncio.Event()
-
-    async def publisher(batch: int) -> None:
-        nonlocal after_restart
-        while after_restart < 300:
-            events = [opened() for _ in range(batch)]
-            try:
-                seqs = await publish_events(js, events, timeout=2.0)
-            except PublishError:
-                failed.extend(events)
-                await asyncio.sleep(0.05)
-                continue
-            acked.update((e.event_id, seq) for e, seq in zip(events, seqs, strict=True))
-            if restarted.is_set():
-                after_restart += len(events)
-
-    def kill_and_restart() -> None:
-        nats_server.stop(kill=True)  # no graceful shutdown: only what was synced survives
-        nats_server.start()
-
-    publishers = [asyncio.create_task(publisher(1 + i % 3)) for i in range(8)]
-    await eventually(lambda: len(acked) >= 200, timeout=20, what="acks before the kill")
     requests = nats_wire.connection_requests(js)
-    await asyncio.to_thread(kill_and_restart)
-    await eventually(lambda: conn.is_connected, timeout=20, what="reconnected")
-    restarted.set()
-    await asyncio.wait_for(asyncio.gather(*publishers), 60)
-
-    assert after_restart >= 300  # publishes resumed on the same shared instance
+    acked, failed = await publish_through_a_server_kill(
+        nats_server,
+        conn,
+        lambda events: publish_events(js, events, timeout=2.0),
+        [lambda size=1 + i % 3: [opened() for _ in range(size)] for i in range(8)],
+        acks_before=200,
+    )
+    # publishes resumed on the same shared instance
     assert nats_wire.connection_requests(js) is requests
     for event in failed:  # the caller's retry: stored at most once
         acked[event.event_id] = await publish_event(js, event)
-    stored: dict[str, int] = {}
-    info = await js.stream_info("TRACK")
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        msg = await js.get_msg("TRACK", seq)
-        assert msg.headers is not None
-        stored[msg.headers["Nats-Msg-Id"]] = seq
-    assert info.state.messages == len(stored)  # no message id twice
-    missing = {event_id: seq for event_id, seq in acked.items() if stored.get(event_id) != seq}
+    stored = await stored_ids(js, "TRACK")
+    assert all(len(seqs) == 1 for seqs in stored.values()), "a message id stored twice"
+    missing = {event_id: seq for event_id, seq in acked.items() if stored.get(event_id) != [seq]}
     assert not missing, f"acked but not stored: {list(missing.items())[:5]}"
     assert requests is not None and requests.in_flight == 0
 

@@ -60,6 +60,67 @@ async def stored_events(
     return [decode(m.data, schema) for m in msgs]
 
 
+async def stored_ids(js: Any, stream: str) -> dict[str, list[int]]:
+    """Every message stored in ``stream``: its ``Nats-Msg-Id`` and the sequences holding it."""
+    found: dict[str, list[int]] = {}
+    info = await js.stream_info(stream)
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg(stream, seq)
+        assert msg.headers is not None
+        found.setdefault(msg.headers["Nats-Msg-Id"], []).append(seq)
+    return found
+
+
+async def publish_through_a_server_kill(
+    nats_server: Any,
+    conn: Any,
+    publish: Callable[[list[E]], Awaitable[list[int]]],
+    make_batches: list[Callable[[], list[E]]],
+    *,
+    acks_before: int,
+    acks_after: int = 300,
+    before_kill: Callable[[], None] = lambda: None,
+) -> tuple[dict[str, int], list[E]]:
+    """One publisher per ``make_batches`` entry publishing its batches with ``publish`` (a
+    ``PublishError`` is recorded and the publisher goes on) while nats-server is SIGKILLed
+    (only what was synced survives) and restarted once ``acks_before`` events were acked;
+    returns once ``acks_after`` more were acked: every acked event id with its acked stream
+    sequence, and the events whose publish failed (for the caller's retry)."""
+    from mailgate_core.nats import PublishError
+
+    acked: dict[str, int] = {}
+    failed: list[E] = []
+    after_restart = 0
+    restarted = asyncio.Event()
+
+    async def publisher(make: Callable[[], list[E]]) -> None:
+        nonlocal after_restart
+        while after_restart < acks_after:
+            events = make()
+            try:
+                seqs = await publish(events)
+            except PublishError:
+                failed.extend(events)
+                await asyncio.sleep(0.05)
+                continue
+            acked.update((e.event_id, seq) for e, seq in zip(events, seqs, strict=True))
+            if restarted.is_set():
+                after_restart += len(events)
+
+    def kill_and_restart() -> None:
+        nats_server.stop(kill=True)
+        nats_server.start()
+
+    publishers = [asyncio.create_task(publisher(make)) for make in make_batches]
+    await eventually(lambda: len(acked) >= acks_before, timeout=20, what="acks before the kill")
+    before_kill()
+    await asyncio.to_thread(kill_and_restart)
+    await eventually(lambda: conn.is_connected, timeout=20, what="reconnected")
+    restarted.set()
+    await asyncio.wait_for(asyncio.gather(*publishers), 60)
+    return acked, failed
+
+
 async def consumer_settled(js: Any, stream: str, durable: str) -> bool:
     """Whether ``durable`` has nothing left to deliver and nothing awaiting an ack."""
     info = await js.consumer_info(stream, durable)
