@@ -15,7 +15,9 @@ import asyncio
 import os
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import nats
 from mailgate_core import nats_wire
@@ -42,6 +44,26 @@ def _events(tag: str, count: int) -> list[s.TrackOpen]:
     ]
 
 
+async def _timed(
+    count: int, latencies: list[float], publishers: list[Coroutine[Any, Any, None]]
+) -> Row:
+    """Run ``publishers`` together: rate, latency percentiles and this process's CPU per
+    1,000 of the ``count`` events (``latencies``: what the publishers recorded)."""
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    await asyncio.gather(*publishers)
+    elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    latencies.sort()
+    return Row(
+        benchmark="",
+        rate_per_s=count / elapsed,
+        p50_ms=percentile(latencies, 0.5) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+        cpu_s_per_1k=cpu / count * 1000,
+    )
+
+
 async def _single(url: str, count: int, concurrency: int, *, wire: bool, tag: str) -> Row:
     nc = await _connect(url, wire=wire)
     js = nc.jetstream(timeout=10)
@@ -61,20 +83,9 @@ async def _single(url: str, count: int, concurrency: int, *, wire: bool, tag: st
             await publish_event(js, event)
             latencies.append(time.perf_counter() - t0)
 
-    cpu0 = time.process_time()
-    t0 = time.perf_counter()
-    await asyncio.gather(*(publisher() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
+    row = await _timed(count, latencies, [publisher() for _ in range(concurrency)])
     await nc.close()
-    latencies.sort()
-    return Row(
-        benchmark="",
-        rate_per_s=count / elapsed,
-        p50_ms=percentile(latencies, 0.5) * 1000,
-        p99_ms=percentile(latencies, 0.99) * 1000,
-        cpu_s_per_1k=cpu / count * 1000,
-    )
+    return row
 
 
 async def _batched(
@@ -92,20 +103,10 @@ async def _batched(
             await publish_events(js, chunk)
             latencies.append(time.perf_counter() - t0)
 
-    cpu0 = time.process_time()
-    t0 = time.perf_counter()
-    await asyncio.gather(*(publisher(batches[i::concurrency]) for i in range(concurrency)))
-    elapsed = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
+    mine = [batches[i::concurrency] for i in range(concurrency)]
+    row = await _timed(count, latencies, [publisher(chunks) for chunks in mine])
     await nc.close()
-    latencies.sort()
-    return Row(
-        benchmark="",
-        rate_per_s=count / elapsed,
-        p50_ms=percentile(latencies, 0.5) * 1000,
-        p99_ms=percentile(latencies, 0.99) * 1000,
-        cpu_s_per_1k=cpu / count * 1000,
-    )
+    return row
 
 
 def _skipped(count: int) -> list[s.MailSkipped]:
@@ -138,27 +139,16 @@ async def _grouped(server: NatsServer, count: int, concurrency: int, *, group: b
             latencies.append(time.perf_counter() - t0)
 
     server0 = process_tree_cpu_s(server.proc.pid)
-    cpu0 = time.process_time()
-    t0 = time.perf_counter()
-    await asyncio.gather(*(publisher() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
+    row = await _timed(count, latencies, [publisher() for _ in range(concurrency)])
     server_cpu = process_tree_cpu_s(server.proc.pid) - server0
     await nc.close()
-    latencies.sort()
     commits = (
         f"{sum(sizes) / len(sizes):.1f} msgs/commit (largest {max(sizes)})"
         if sizes
         else "no group commit"
     )
-    return Row(
-        benchmark="",
-        rate_per_s=count / elapsed,
-        p50_ms=percentile(latencies, 0.5) * 1000,
-        p99_ms=percentile(latencies, 0.99) * 1000,
-        cpu_s_per_1k=cpu / count * 1000,
-        note=f"nats-server {server_cpu / count * 1000:.3f} CPU s/1k; {commits}",
-    )
+    row.note = f"nats-server {server_cpu / count * 1000:.3f} CPU s/1k; {commits}"
+    return row
 
 
 def _median_row(rows: list[Row], name: str, note: str) -> Row:
