@@ -51,6 +51,9 @@ def nats_server_binary() -> str:
     return found
 
 
+#: Tries to start a nats-server on ports it picked itself (see ``NatsServer.start``).
+_BIND_ATTEMPTS = 3
+
 NATS_CONFIG = """\
 listen: 127.0.0.1:{port}
 http: 127.0.0.1:{monitor_port}
@@ -81,7 +84,25 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> NatsServer:
+        """Start the server; ports it picks itself (``port``/``monitor_port`` 0) are picked
+        again when another process took one between ``free_port`` and nats-server's bind (a
+        restart keeps its ports)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        picked = not self.port, not self.monitor_port
+        for attempt in range(_BIND_ATTEMPTS):
+            if attempt:
+                self.port = 0 if picked[0] else self.port
+                self.monitor_port = 0 if picked[1] else self.monitor_port
+            try:
+                return self._start_once()
+            except RuntimeError:
+                if not any(picked) or not self._lost_a_port_race():
+                    raise
+                if attempt == _BIND_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> NatsServer:
         self.port = self.port or free_port()
         self.monitor_port = self.monitor_port or free_port()
         config = self.data_dir / "nats.conf"
@@ -102,6 +123,14 @@ class NatsServer:
         wait_for_port("127.0.0.1", self.port, proc=self.proc)
         wait_for_port("127.0.0.1", self.monitor_port, proc=self.proc)
         return self
+
+    def _lost_a_port_race(self) -> bool:
+        """Whether the server just exited because one of its ports was taken."""
+        if self.proc is None or self.proc.poll() is None:
+            return False
+        tail = (self.data_dir / "nats.log").read_bytes()[-2000:]
+        lines = tail.splitlines()
+        return bool(lines) and b"address already in use" in lines[-1]
 
     def stop(self, kill: bool = False) -> None:
         if self.proc and self.proc.poll() is None:
