@@ -15,9 +15,7 @@ import asyncio
 import os
 import tempfile
 import time
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
 import nats
 from mailgate_core import nats_wire
@@ -26,7 +24,7 @@ from mailgate_core.ids import new_ulid
 from mailgate_core.nats import provision, publish_event, publish_events
 from mailgate_fakes.infra import NatsServer
 
-from common import Options, Row, percentile, process_tree_cpu_s
+from common import Options, Row, process_tree_cpu_s, timed_run
 
 SIZE = 2048
 
@@ -42,26 +40,6 @@ def _events(tag: str, count: int) -> list[s.TrackOpen]:
     return [
         s.TrackOpen(mailgate_id=f"{tag}-{i}", user_agent="x" * (SIZE - 200)) for i in range(count)
     ]
-
-
-async def _timed(
-    count: int, latencies: list[float], publishers: list[Coroutine[Any, Any, None]]
-) -> Row:
-    """Run ``publishers`` together: rate, latency percentiles and this process's CPU per
-    1,000 of the ``count`` events (``latencies``: what the publishers recorded)."""
-    cpu0 = time.process_time()
-    t0 = time.perf_counter()
-    await asyncio.gather(*publishers)
-    elapsed = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
-    latencies.sort()
-    return Row(
-        benchmark="",
-        rate_per_s=count / elapsed,
-        p50_ms=percentile(latencies, 0.5) * 1000,
-        p99_ms=percentile(latencies, 0.99) * 1000,
-        cpu_s_per_1k=cpu / count * 1000,
-    )
 
 
 async def _single(url: str, count: int, concurrency: int, *, wire: bool, tag: str) -> Row:
@@ -83,7 +61,7 @@ async def _single(url: str, count: int, concurrency: int, *, wire: bool, tag: st
             await publish_event(js, event)
             latencies.append(time.perf_counter() - t0)
 
-    row = await _timed(count, latencies, [publisher() for _ in range(concurrency)])
+    row = await timed_run(count, latencies, [publisher() for _ in range(concurrency)])
     await nc.close()
     return row
 
@@ -104,7 +82,7 @@ async def _batched(
             latencies.append(time.perf_counter() - t0)
 
     mine = [batches[i::concurrency] for i in range(concurrency)]
-    row = await _timed(count, latencies, [publisher(chunks) for chunks in mine])
+    row = await timed_run(count, latencies, [publisher(chunks) for chunks in mine])
     await nc.close()
     return row
 
@@ -139,7 +117,7 @@ async def _grouped(server: NatsServer, count: int, concurrency: int, *, group: b
             latencies.append(time.perf_counter() - t0)
 
     server0 = process_tree_cpu_s(server.proc.pid)
-    row = await _timed(count, latencies, [publisher() for _ in range(concurrency)])
+    row = await timed_run(count, latencies, [publisher() for _ in range(concurrency)])
     server_cpu = process_tree_cpu_s(server.proc.pid) - server0
     await nc.close()
     commits = (

@@ -16,7 +16,7 @@ import nats
 from mailgate_core.nats import provision
 from mailgate_fakes.infra import NatsServer
 
-from common import Options, Row, percentile
+from common import Options, Row, timed_run
 
 
 async def _publish_run(url: str, count: int, concurrency: int, size: int) -> Row:
@@ -39,21 +39,10 @@ async def _publish_run(url: str, count: int, concurrency: int, size: int) -> Row
             await js.publish("mail.accepted", payload, headers={"Nats-Msg-Id": f"b-{i}"})
             latencies.append(time.perf_counter() - t0)
 
-    cpu0 = time.process_time()
-    t0 = time.perf_counter()
-    await asyncio.gather(*(publisher() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
+    row = await timed_run(count, latencies, [publisher() for _ in range(concurrency)])
     await nc.close()
-    latencies.sort()
-    return Row(
-        benchmark="",
-        rate_per_s=count / elapsed,
-        p50_ms=percentile(latencies, 0.5) * 1000,
-        p99_ms=percentile(latencies, 0.99) * 1000,
-        cpu_s_per_1k=cpu / count * 1000,
-        note="client CPU",
-    )
+    row.note = "client CPU"
+    return row
 
 
 async def _batched_run(url: str, count: int, batch: int, size: int) -> Row:
@@ -66,24 +55,18 @@ async def _batched_run(url: str, count: int, batch: int, size: int) -> Row:
     await provision(js)
     events = [s.TrackOpen(mailgate_id=f"m{i}", user_agent="x" * (size - 200)) for i in range(count)]
     latencies: list[float] = []
-    cpu0 = time.process_time()
-    t0 = time.perf_counter()
-    for start in range(0, count, batch):
-        t = time.perf_counter()
-        await publish_events(js, events[start : start + batch])
-        latencies.append(time.perf_counter() - t)
-    elapsed = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
+
+    async def publisher() -> None:
+        for start in range(0, count, batch):
+            t = time.perf_counter()
+            await publish_events(js, events[start : start + batch])
+            latencies.append(time.perf_counter() - t)
+
+    row = await timed_run(count, latencies, [publisher()])
     await nc.close()
-    latencies.sort()
-    return Row(
-        benchmark=f"JetStream publish_events 2 KB, sync always, batches of {batch}",
-        rate_per_s=count / elapsed,
-        p50_ms=percentile(latencies, 0.5) * 1000,
-        p99_ms=percentile(latencies, 0.99) * 1000,
-        cpu_s_per_1k=cpu / count * 1000,
-        note="latency per batch; client CPU",
-    )
+    row.benchmark = f"JetStream publish_events 2 KB, sync always, batches of {batch}"
+    row.note = "latency per batch; client CPU"
+    return row
 
 
 async def run(opts: Options) -> list[Row]:

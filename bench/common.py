@@ -3,13 +3,16 @@ starting and stopping processes (optionally under py-spy)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -39,6 +42,26 @@ def percentile(sorted_values: list[float], q: float) -> float:
         return float("nan")
     index = max(0, min(len(sorted_values) - 1, round(q * len(sorted_values)) - 1))
     return sorted_values[index]
+
+
+async def timed_run(
+    count: int, latencies: list[float], runners: list[Coroutine[Any, Any, None]]
+) -> Row:
+    """Run ``runners`` together: rate, latency percentiles and this process's CPU per 1,000
+    of the ``count`` items (``latencies``: what the runners recorded, in seconds)."""
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    await asyncio.gather(*runners)
+    elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    latencies.sort()
+    return Row(
+        benchmark="",
+        rate_per_s=count / elapsed,
+        p50_ms=percentile(latencies, 0.5) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+        cpu_s_per_1k=cpu / count * 1000,
+    )
 
 
 def _stat_fields(pid: int) -> list[str]:

@@ -26,6 +26,7 @@ from mailgate_smtp_ingest.policy import FailureThrottle
 from mailgate_smtp_ingest.server import Intake, MailgateSMTP
 from mailgate_smtp_ingest.tls import self_signed_pair
 from prometheus_client import CollectorRegistry
+from test_smtp_ingest_protocol import Transport
 
 
 class Handler:
@@ -34,29 +35,6 @@ class Handler:
 
     async def handle_exception(self, error: Exception) -> str:
         return "451 4.3.0 Internal error"
-
-
-class Transport(asyncio.Transport):
-    """An in-memory transport (as in test_smtp_ingest_protocol.py)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written: list[bytes] = []
-        self.wrote = asyncio.Event()
-        self.closed = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written.append(bytes(data))
-        self.wrote.set()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 4242) if name == "peername" else default
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
 
 
 async def _say(protocol: MailgateSMTP, transport: Transport, data: bytes) -> bytes:
