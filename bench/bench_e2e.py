@@ -20,6 +20,10 @@ Two phases on the same stack:
 
 Exactly-once is asserted by Message-ID in the sandbox over both phases (every 250's mailgate
 id once, nothing else). Peak RSS (VmHWM) of every service process.
+
+The flood's CPU per message of every process on the machine (services, nats-server, Postgres,
+the stand-ins, this process's SMTP client and receiver) gives the CPU-bound ceiling: cores over
+that sum, and the same without mailgate's services (what the rest alone would allow).
 ``BENCH_E2E_COUNT`` (default 20,000; quick mode 100), ``BENCH_E2E_SMTP_WORKERS`` (2).
 """
 
@@ -30,6 +34,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import ssl
 import subprocess
 import sys
@@ -275,6 +280,40 @@ def _pg_note(before: dict[str, Any], after: dict[str, Any], count: int) -> str:
     return ", ".join(parts)
 
 
+def _own_cpu_s() -> float:
+    """CPU seconds of this process, all threads: the SMTP client sessions and the customer's
+    webhook receiver."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _ceiling_row(
+    cpu: dict[str, float], infra_cpu: dict[str, float], own_cpu: float, count: int
+) -> Row:
+    """The rate the flood's CPU per message allows on this machine's cores, and the rate the
+    processes that are not mailgate's services (nats-server, Postgres, the Postal sandbox and
+    the other stand-ins, this bench's client and receiver) would allow on their own."""
+    cores = os.cpu_count() or 1
+    services = sum(v for n, v in cpu.items() if n in SERVICES) / count * 1000
+    stand_ins = {n: v / count * 1000 for n, v in cpu.items() if n not in SERVICES}
+    infra = sum(infra_cpu.values()) / count * 1000
+    client = own_cpu / count * 1000
+    others = infra + sum(stand_ins.values()) + client
+    return Row(
+        benchmark=f"e2e flood: CPU-bound ceiling on {cores} cores",
+        rate_per_s=cores * 1000 / (services + others),
+        note=f"{cores} cores / {services + others:.2f} ms CPU per msg: mailgate's services "
+        f"{services:.2f}, nats-server + Postgres {infra:.2f}, "
+        + "".join(
+            f"{n} {v:.2f}, "
+            for n, v in sorted(stand_ins.items(), key=lambda kv: -kv[1])
+            if v >= 0.005
+        )
+        + f"SMTP client + webhook receiver {client:.2f}; "
+        f"without the services' CPU the rest allows {cores * 1000 / others:,.0f}/s",
+    )
+
+
 def _ms(values: list[float], q: float) -> float:
     return percentile(values, q) * 1000
 
@@ -372,6 +411,7 @@ async def run(opts: Options) -> list[Row]:
             pids = {n: p.pid for n, p in stack.procs.items()}
             infra = _infrastructure_pids(stack)
             cpu0 = {n: process_tree_cpu_s(pid) for n, pid in {**pids, **infra}.items()}
+            own0 = _own_cpu_s()
             nats0 = await asyncio.to_thread(_nats_msgs, stack)
             pg0 = await asyncio.to_thread(_pg_stats, stack)
             tls = ssl.create_default_context()
@@ -402,6 +442,7 @@ async def run(opts: Options) -> list[Row]:
             await _wait_for_hooks(receiver, count, 60 if opts.quick else 300)
             cpu = {n: process_tree_cpu_s(pid) - cpu0[n] for n, pid in pids.items()}
             infra_cpu = {n: process_tree_cpu_s(pid) - cpu0[n] for n, pid in infra.items()}
+            own_cpu = _own_cpu_s() - own0
             nats_msgs = {
                 n: v - nats0.get(n, 0)
                 for n, v in (await asyncio.to_thread(_nats_msgs, stack)).items()
@@ -544,6 +585,7 @@ async def run(opts: Options) -> list[Row]:
                 + f"; with the services: {all_ms:.2f} ms of CPU per message on this machine",
             )
         )
+        rows.append(_ceiling_row(cpu, infra_cpu, own_cpu, count))
     if pg_note:
         rows.append(Row(benchmark="e2e flood: Postgres per msg", note=pg_note))
     if nats_msgs:
