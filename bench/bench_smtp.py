@@ -14,9 +14,24 @@ the server process's (user + system) per 1000 messages. Every message has its ow
 boundaries, Message-ID and X-AMS-Message-ID, as a mailer's campaign has (``Payload``;
 ``BENCH_SMTP_SAME_MESSAGE=1`` sends one message over and over, as the bench did before).
 
-Run it alone: ``python bench/run.py --only smtp`` (``BENCH_SMTP_COUNT`` messages per row,
-``BENCH_SMTP_CASES`` a part of the row labels to run, e.g. ``2 KB, STARTTLS, reused``, or
-``10 MB`` for the memory row alone; ``BENCH_SMTP_INGEST_ONLY=1`` measures smtp-ingest only).
+Method (a run of a few hundred messages lasts half a second and its rate moves by +-8%, so
+one run's ratio says little): every case is measured in ``BENCH_SMTP_ROUNDS`` rounds (3; 1 with
+``--quick``), each round runs every case once with the servers one after the other, and the
+servers' order rotates from round to round (smtp-ingest, bare, Postfix; then bare, Postfix,
+smtp-ingest; ...), so no server always runs first or last and slow drift of the machine hits
+them alike. A run sends ``COUNTS[case]`` messages (about 2 s of work on the 2-core machine;
+``BENCH_SMTP_COUNT`` overrides every case). Each figure of a row (rate, p50, p99, CPU s/1k,
+nats-server's and the client's CPU) is the median of its per-round values, and the note lists
+the per-round rates in round order ("rates 683/701/744"). The ratios to Postfix and to bare are
+paired: each round's smtp-ingest figure over the same round's other server's, the median of
+those shown with their range ("1.06x Postfix (rounds 1.00-1.14)"). Postfix's hold queue is
+emptied between rounds (its count is added up first), so its queue directory does not grow
+from round to round.
+
+Run it alone: ``python bench/run.py --only smtp`` (``BENCH_SMTP_COUNT`` messages per run,
+``BENCH_SMTP_ROUNDS`` rounds, ``BENCH_SMTP_CASES`` a part of the row labels to run, e.g.
+``2 KB, STARTTLS, reused``, or ``10 MB`` for the memory row alone;
+``BENCH_SMTP_INGEST_ONLY=1`` measures smtp-ingest only).
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ import os
 import re
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -348,12 +364,31 @@ async def _put_credential(nats_url: str) -> None:
 # --- the benchmark ------------------------------------------------------------------------------
 
 
+#: Messages per run of each case (size, STARTTLS, reused connection): about 2 s for
+#: smtp-ingest and Postfix on the 2-core machine at their latest rates (in the comments, the
+#: three servers' range), so a run's rate is not at the mercy of a half-second hiccup, while
+#: the whole module (3 rounds) stays within a few minutes.
+COUNTS: dict[tuple[str, bool, bool], int] = {
+    ("2 KB", True, True): 1500,  # 680-990/s
+    ("2 KB", True, False): 600,  # 260-290/s: a TLS handshake per message
+    ("2 KB", False, True): 2000,  # 1,050-1,400/s
+    ("2 KB", False, False): 1500,  # 700-810/s
+    ("50 KB", True, True): 900,  # 290-610/s
+    ("50 KB", True, False): 500,  # 180-270/s
+    ("50 KB", False, True): 1000,  # 400-860/s
+    ("50 KB", False, False): 1000,  # 320-620/s
+}
+QUICK_COUNT = 40
+
+
 @dataclass(frozen=True)
 class Case:
     size: str
     data: Payload
     tls: bool
     reuse: bool
+    count: int
+    """Messages per run."""
 
     @property
     def label(self) -> str:
@@ -374,6 +409,24 @@ class Server:
     """CPU of the server's durable storage in another process (smtp-ingest: nats-server)."""
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One server's figures for one case in one round (CPU in seconds per 1000 messages)."""
+
+    rate_per_s: float
+    p50_ms: float
+    p99_ms: float
+    cpu_s_per_1k: float
+    client_cpu_s_per_1k: float
+    storage_cpu_s_per_1k: float | None = None
+
+
+def rotated(servers: list[Server], round_index: int) -> list[Server]:
+    """The servers in the order round ``round_index`` runs them: rotated by one a round."""
+    shift = round_index % len(servers) if servers else 0
+    return servers[shift:] + servers[:shift]
+
+
 def _drive_on_own_loop(port: int, data: Payload, count: int, **options: Any) -> tuple[Load, float]:
     """``drive`` on an event loop of its own in the calling thread: uvloop (as the servers
     run) unless ``BENCH_SMTP_CLIENT_LOOP=asyncio``. ``(load, the client's CPU seconds)``.
@@ -387,8 +440,8 @@ def _drive_on_own_loop(port: int, data: Payload, count: int, **options: Any) -> 
     return load, time.thread_time() - cpu0
 
 
-async def measure(server: Server, case: Case, count: int, tls: ssl.SSLContext) -> tuple[Row, float]:
-    """The server's row and the client's CPU seconds per 1000 messages."""
+async def measure(server: Server, case: Case, tls: ssl.SSLContext) -> Sample:
+    """One run of ``case`` against ``server`` (after a warm-up of one message a session)."""
     context = tls if case.tls else None
     options: dict[str, Any] = {"tls": context, "auth": server.auth}
     await asyncio.to_thread(
@@ -397,35 +450,84 @@ async def measure(server: Server, case: Case, count: int, tls: ssl.SSLContext) -
     cpu0 = server.cpu()
     storage0 = server.storage_cpu() if server.storage_cpu else 0.0
     load, client_cpu = await asyncio.to_thread(
-        _drive_on_own_loop, server.port, case.data, count, reuse=case.reuse, **options
+        _drive_on_own_loop, server.port, case.data, case.count, reuse=case.reuse, **options
     )
     cpu = server.cpu() - cpu0
     storage = (server.storage_cpu() - storage0) if server.storage_cpu else None
-    row = Row(
-        benchmark=f"{server.name} {case.label}",
+    per_1k = 1000 / load.messages
+    return Sample(
         rate_per_s=load.messages / load.elapsed_s,
         p50_ms=percentile(load.latencies_s, 0.5) * 1000,
         p99_ms=percentile(load.latencies_s, 0.99) * 1000,
-        cpu_s_per_1k=cpu / load.messages * 1000,
-        note="" if storage is None else f"+ nats-server {storage / load.messages * 1000:.3f}",
+        cpu_s_per_1k=cpu * per_1k,
+        client_cpu_s_per_1k=client_cpu * per_1k,
+        storage_cpu_s_per_1k=None if storage is None else storage * per_1k,
     )
-    return row, client_cpu / load.messages * 1000
 
 
-def _with_client_cpu(rows: list[Row], client_cpu: list[float]) -> list[Row]:
-    for row, cpu in zip(rows, client_cpu, strict=True):
-        row.note += f"; client {cpu:.3f} CPU s/1k"
-    return rows
+def median_row(name: str, samples: list[Sample]) -> Row:
+    """Each figure the median of the rounds' (note: nats-server's CPU when measured)."""
+    median = statistics.median
+    storage = [s.storage_cpu_s_per_1k for s in samples if s.storage_cpu_s_per_1k is not None]
+    return Row(
+        benchmark=name,
+        rate_per_s=median(s.rate_per_s for s in samples),
+        p50_ms=median(s.p50_ms for s in samples),
+        p99_ms=median(s.p99_ms for s in samples),
+        cpu_s_per_1k=median(s.cpu_s_per_1k for s in samples),
+        note=f"+ nats-server {median(storage):.3f}" if storage else "",
+    )
 
 
-def _ratio_note(ours: Row, bare: Row, postfix: Row | None, workers: int) -> str:
-    assert ours.rate_per_s and bare.rate_per_s and ours.cpu_s_per_1k is not None
-    parts = [f"{ours.rate_per_s / bare.rate_per_s:.2f}x bare ({workers} procs each)"]
-    if postfix is not None and postfix.rate_per_s:
-        parts.insert(0, f"{ours.rate_per_s / postfix.rate_per_s:.2f}x Postfix")
-        if postfix.cpu_s_per_1k:
-            parts.append(f"{ours.cpu_s_per_1k / postfix.cpu_s_per_1k:.1f}x Postfix CPU")
+def _spread_note(samples: list[Sample]) -> str:
+    """``client <median> CPU s/1k`` and, over several rounds, the rates in round order."""
+    client = statistics.median(s.client_cpu_s_per_1k for s in samples)
+    note = f"client {client:.3f} CPU s/1k"
+    if len(samples) > 1:
+        note += "; rates " + "/".join(f"{s.rate_per_s:.0f}" for s in samples)
+    return note
+
+
+def paired_ratio(ours: list[Sample], theirs: list[Sample], name: str, detail: str = "") -> str:
+    """The median of the rounds' rate ratios ours/theirs, with their range over several rounds:
+    ``1.06x Postfix`` or ``1.06x Postfix (rounds 1.00-1.14)`` (``detail`` joins the brackets)."""
+    ratios = [o.rate_per_s / t.rate_per_s for o, t in zip(ours, theirs, strict=True)]
+    details = [f"rounds {min(ratios):.2f}-{max(ratios):.2f}"] if len(ratios) > 1 else []
+    details += [detail] if detail else []
+    text = f"{statistics.median(ratios):.2f}x {name}"
+    return f"{text} ({'; '.join(details)})" if details else text
+
+
+def _ratio_note(
+    ours: list[Sample], bare: list[Sample], postfix: list[Sample] | None, workers: int
+) -> str:
+    parts = [paired_ratio(ours, bare, "bare", f"{workers} procs each")]
+    if postfix is not None:
+        parts.insert(0, paired_ratio(ours, postfix, "Postfix"))
+        if all(s.cpu_s_per_1k for s in postfix):
+            cpu = [o.cpu_s_per_1k / t.cpu_s_per_1k for o, t in zip(ours, postfix, strict=True)]
+            parts.append(f"{statistics.median(cpu):.1f}x Postfix CPU")
     return ", ".join(parts)
+
+
+def case_rows(
+    case: Case, servers: list[Server], samples: dict[str, list[Sample]], workers: int
+) -> list[Row]:
+    """The case's rows, one a server in ``servers`` order, from its rounds' ``samples``."""
+    rows = [median_row(f"{s.name} {case.label}", samples[s.name]) for s in servers]
+    if len(rows) > 1:
+        ours, theirs = rows[0], rows[1]
+        by_name = [samples[s.name] for s in servers]
+        pf = by_name[2] if len(by_name) > 2 else None
+        ours.note = f"{_ratio_note(by_name[0], by_name[1], pf, workers)}; {ours.note} CPU s/1k"
+        theirs.note = "accepts and discards; same client, same processes"
+        if pf is not None:
+            rows[2].note = "no AUTH (mynetworks); queue file fsynced before 250"
+    elif rows and rows[0].note:
+        rows[0].note += " CPU s/1k"  # "+ nats-server 0.300 CPU s/1k"
+    for row, server in zip(rows, servers, strict=True):
+        row.note = f"{row.note}; {_spread_note(samples[server.name])}".lstrip("; ")
+    return rows
 
 
 async def _big_message_row(port: int, ingest: subprocess.Popen[bytes]) -> Row:
@@ -470,13 +572,21 @@ def _pids_cpu(procs: list[subprocess.Popen[bytes]]) -> Callable[[], float]:
 
 
 async def run(opts: Options) -> list[Row]:
-    count = 40 if opts.quick else int(os.environ.get("BENCH_SMTP_COUNT", "400"))
+    started = time.monotonic()
+    count = int(os.environ.get("BENCH_SMTP_COUNT", "0")) or (QUICK_COUNT if opts.quick else 0)
+    rounds = max(1, int(os.environ.get("BENCH_SMTP_ROUNDS", "1" if opts.quick else "3")))
     workers = int(os.environ.get("BENCH_SMTP_WORKERS", str(min(2, os.cpu_count() or 1))))
     small = campaign_message(2048, links=4)
     large = campaign_message(50 * 1024, links=40, attachment=20_000)
     fresh = os.environ.get("BENCH_SMTP_SAME_MESSAGE") != "1"
     cases = [
-        Case(size, Payload(dot_stuffed(data), fresh=fresh), tls, reuse)
+        Case(
+            size,
+            Payload(dot_stuffed(data), fresh=fresh),
+            tls,
+            reuse,
+            count or COUNTS[size, tls, reuse],
+        )
         for size, data in (("2 KB", small), ("50 KB", large))
         for tls in (True, False)
         for reuse in (True, False)
@@ -567,27 +677,40 @@ async def run(opts: Options) -> list[Row]:
                 )
             if os.environ.get("BENCH_SMTP_INGEST_ONLY") == "1":  # quick before/after runs
                 servers = servers[:1]
+            samples: dict[tuple[str, str], list[Sample]] = {}
+            held = 0
+            measuring = time.monotonic()
+            for round_index in range(rounds):
+                round_started = time.monotonic()
+                for case in cases:
+                    for server in rotated(servers, round_index):
+                        sample = await measure(server, case, client_tls)
+                        samples.setdefault((case.label, server.name), []).append(sample)
+                if postfix is not None:
+                    held += postfix.held()
+                    if round_index + 1 < rounds:
+                        postfix.clear()  # every round's Postfix starts from an empty queue
+                print(
+                    f"  bench_smtp: round {round_index + 1}/{rounds} in "
+                    f"{time.monotonic() - round_started:.1f}s",
+                    flush=True,
+                )
+            measured_s = time.monotonic() - measuring
             for case in cases:
-                results = [await measure(server, case, count, client_tls) for server in servers]
-                measured = [row for row, _ in results]
-                client_cpu = [cpu for _, cpu in results]
-                if len(measured) == 1:
-                    rows += _with_client_cpu(measured, client_cpu)
-                    continue
-                ours, theirs = measured[0], measured[1]
-                pf = measured[2] if len(measured) > 2 else None
-                ours.note = f"{_ratio_note(ours, theirs, pf, workers)}; {ours.note} CPU s/1k"
-                theirs.note = "accepts and discards; same client, same processes"
-                if pf is not None:
-                    pf.note = "no AUTH (mynetworks); queue file fsynced before 250"
-                rows += _with_client_cpu(measured, client_cpu)
+                by_server = {s.name: samples[case.label, s.name] for s in servers}
+                rows += case_rows(case, servers, by_server, workers)
             if not opts.quick:
                 rows.append(await _big_message_row(smtp_port, ingest))
             postfix_rows = [r for r in rows if r.benchmark.startswith("postfix")]
             if postfix is not None and postfix_rows:
-                postfix_rows[-1].note += f"; {postfix.held()} held"
+                postfix_rows[-1].note += f"; {held} held"
             elif postfix is None:
                 rows.append(Row(benchmark="postfix (hold queue)", note=postfix_note))
+            print(
+                f"  bench_smtp: {len(cases)} cases x {len(servers)} servers x {rounds} rounds "
+                f"measured in {measured_s:.1f}s; {time.monotonic() - started:.1f}s in all",
+                flush=True,
+            )
         finally:
             _stop(ingest, timeout_s=30)
             for proc in bare:
