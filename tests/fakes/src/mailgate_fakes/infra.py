@@ -116,13 +116,32 @@ class NatsServer:
                 max_file_store=self.max_file_store,
             )
         )
-        log = open(self.data_dir / "nats.log", "ab")  # noqa: SIM115 - lives with the process
+        log_path = self.data_dir / "nats.log"
+        started_at = log_path.stat().st_size if log_path.exists() else 0
+        log = open(log_path, "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
         )
         wait_for_port("127.0.0.1", self.port, proc=self.proc)
         wait_for_port("127.0.0.1", self.monitor_port, proc=self.proc)
+        self._wait_ready(log_path, started_at)
         return self
+
+    def _wait_ready(self, log_path: Path, started_at: int, timeout_s: float = 30.0) -> None:
+        """Until this start's log says "Server is ready" (its listeners are up). An open port
+        alone is not enough: the monitor port opens before the client port is bound, and the
+        port may be another process's (a lost port race) while nats-server is still exiting."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"process exited with {self.proc.returncode} before ready")
+            with open(log_path, "rb") as f:
+                f.seek(started_at)
+                if b"Server is ready" in f.read():
+                    return
+            time.sleep(0.01)
+        raise RuntimeError(f"nats-server not ready within {timeout_s:.0f}s")
 
     def _lost_a_port_race(self) -> bool:
         """Whether the server just exited because one of its ports was taken."""
