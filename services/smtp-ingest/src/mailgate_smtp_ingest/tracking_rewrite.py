@@ -24,9 +24,10 @@ import binascii
 import codecs
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
+from operator import itemgetter
 from typing import Literal
 
 from mailgate_core.tracking import TokenSigner
@@ -77,6 +78,9 @@ class TrackingLinks:
         self._click = self.base_url + "/track/c/"
         self._unsub = self.base_url + "/u/"
         self._own = (self._open.lower(), self._click.lower(), self._unsub.lower())
+        #: ``click_url`` less the token, as a body holds it (HTML-escaped in HTML parts).
+        self.click_prefix = self._click.encode()
+        self.click_prefix_html = html.escape(self._click).encode()
 
     def open_url(self, mailgate_id: str) -> str:
         return self._open + self.signer.make_open_token(mailgate_id)
@@ -123,9 +127,11 @@ class Slot:
     """What the slot replaced, put back when tracking is off."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Recipient:
-    """Per-recipient values shared by every part of one rendered copy."""
+    """Per-recipient values shared by every part of one rendered copy (made for every
+    copy: not frozen, whose ``__init__`` costs a call per field; never changed but for the
+    memo dicts)."""
 
     links: TrackingLinks
     mailgate_id: str
@@ -133,12 +139,24 @@ class _Recipient:
     unsubscribe_url: str
     open_url: str
     clicks: dict[str, str] = field(default_factory=dict)
+    tokens: dict[str, bytes] = field(default_factory=dict)
 
     def click(self, url: str) -> str:
         known = self.clicks.get(url)
         if known is None:
             known = self.clicks[url] = self.links.click_url(self.mailgate_id, url)
         return known
+
+    def click_fill(self, url: str, html_part: bool) -> bytes:
+        """A click slot's fill: ``click(url)``, HTML-escaped in an HTML part, as bytes. The
+        token is base64url (no character ``html.escape`` changes, one byte each in UTF-8),
+        so the fill is the escaped prefix and the token's bytes, made without the text
+        round trip: a campaign copy has tens of links."""
+        token = self.tokens.get(url)
+        if token is None:
+            token = self.tokens[url] = self.links.signer.click_token_bytes(self.mailgate_id, url)
+        links = self.links
+        return (links.click_prefix_html if html_part else links.click_prefix) + token
 
 
 @dataclass(frozen=True)
@@ -169,13 +187,40 @@ class PartTemplate:
         """How many click slots the part has."""
         return sum(1 for s in self.slots if s.kind == "click")
 
+    @cached_property
+    def _click_urls(self) -> tuple[tuple[bytes, ...], tuple[int, ...]]:
+        """``(urls, index)``: the part's distinct click URLs (UTF-8), and for each slot the
+        index of its URL there (-1: not a click)."""
+        urls: dict[str, int] = {}
+        index = []
+        for slot in self.slots:
+            if slot.kind == "click":
+                index.append(urls.setdefault(slot.url, len(urls)))
+            else:
+                index.append(-1)
+        return tuple(url.encode() for url in urls), tuple(index)
+
+    def _fills(self, r: _Recipient) -> list[bytes]:
+        """``[self._fill(slot, r) for slot in self.slots]``, the click tokens signed in one
+        call (``TokenSigner.sign_clicks``; each distinct URL once)."""
+        if not r.tracking or not self.clicks:
+            return [self._fill(slot, r) for slot in self.slots]
+        urls, index = self._click_urls
+        links = r.links
+        prefix = links.click_prefix_html if self.html else links.click_prefix
+        fills = [prefix + token for token in links.signer.sign_clicks(r.mailgate_id, urls)]
+        return [
+            fills[at] if at >= 0 else self._fill(slot, r)
+            for slot, at in zip(self.slots, index, strict=True)
+        ]
+
     def _fill(self, slot: Slot, r: _Recipient) -> bytes:
         if slot.kind == "unsubscribe":
             url = r.unsubscribe_url
         elif not r.tracking:
             return slot.original
         elif slot.kind == "click":
-            url = r.click(slot.url)
+            return r.click_fill(slot.url, self.html)
         else:
             return _pixel(html.escape(r.open_url)).encode()
         return (html.escape(url) if self.html else url).encode()
@@ -206,17 +251,23 @@ class PartTemplate:
         caller's join)."""
         if self.new_head is None and not r.tracking and not self.has_unsubscribe:
             return [self.original]  # nothing to change: the part stays as received
+        encoded_part = self.encoding != "identity" or self.charset is not None
+        fills: list[bytes] | None = None
+        if encoded_part and self.shared and r.tracking:
+            layout = self._layout(r.links)
+            if layout is not None:  # the fills alone: the literals are in the layout
+                fills = self._fills(r)
+                encoded = layout.fill(fills)
+                if encoded is not None:
+                    return [self.new_head or b"", encoded]
+        if fills is None:
+            fills = self._fills(r)
         pieces: list[bytes | memoryview] = [self.new_head or b"", self.literals[0]]
-        for slot, literal in zip(self.slots, self.literals[1:], strict=True):
-            pieces.append(self._fill(slot, r))
+        for fill, literal in zip(fills, self.literals[1:], strict=True):
+            pieces.append(fill)
             pieces.append(literal)
-        if self.encoding == "identity" and self.charset is None:
+        if not encoded_part:
             return pieces
-        layout = self._layout(r.links) if self.shared and r.tracking else None
-        if layout is not None:
-            encoded = layout.fill(pieces[2::2])
-            if encoded is not None:
-                return [pieces[0], encoded]
         data = b"".join(pieces[1:])
         if self.charset is not None:
             data = data.decode("utf-8", "surrogateescape").encode(self.charset, "surrogateescape")
@@ -256,6 +307,7 @@ def _encode_qp(data: bytes, newline: bytes) -> bytes:
 #: whose presence changes nothing around them (not a blank, ``=``, ``.``, CR or LF): the
 #: base64url alphabet of tracking tokens (``_QpLayout``).
 _QP_PLAIN_SPAN = re.compile(rb"[A-Za-z0-9_-]*")
+_QP_PLAIN_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
 
 
 #: The id ``_QpLayout`` renders a part for (any canonical ULID: every id has tokens of the
@@ -361,24 +413,82 @@ class _QpLayout:
 
     def fill(self, fills: Sequence[bytes | memoryview]) -> bytes | None:
         """The encoded part with these slot fills; ``None`` when one of them does not fit
-        the layout (the caller then encodes the part itself)."""
-        values: list[bytes] = []
-        for value, (length, head, tail, start, end) in zip(fills, self.shapes, strict=True):
-            if (
-                not isinstance(value, bytes)
-                or len(value) != length
-                or not value.startswith(head)
-                or not value.endswith(tail)
-                or _QP_PLAIN_SPAN.fullmatch(value, start, end) is None
-            ):
-                return None
-            values.append(value)
-        gaps = self.gaps
-        out = [gaps[0]]
-        for (slot, start, end), gap in zip(self.holes, gaps[1:], strict=True):
-            out.append(values[slot][start:end])
-            out.append(gap)
-        return b"".join(out)
+        the layout (the caller then encodes the part itself).
+
+        The fills are checked and spliced on their concatenation, a few C calls for the
+        whole part (``_Splicer``) instead of a few per slot and per hole: each fill has its
+        slot's length, head and tail, and characters of ``_QP_PLAIN`` in its span."""
+        splicer = self._splicer
+        if tuple(map(len, fills)) != splicer.lengths or not all(map(_is_bytes, fills)):
+            return None
+        joined = b"".join(fills)
+        if splicer.fixed(joined) != splicer.fixed_bytes:
+            return None
+        if b"".join(splicer.spans(joined)).translate(None, _QP_PLAIN_BYTES):
+            return None  # (a character outside _QP_PLAIN_SPAN's class)
+        return splicer.template % splicer.holes(joined)
+
+    @cached_property
+    def _splicer(self) -> _Splicer:
+        return _Splicer.of(self)
+
+
+def _is_bytes(value: object) -> bool:
+    return type(value) is bytes
+
+
+def _slicer(slices: Sequence[slice]) -> Callable[[bytes], tuple[bytes, ...]]:
+    """``lambda data: tuple(data[s] for s in slices)``, in one C call."""
+    if len(slices) == 1:
+        only = slices[0]
+        return lambda data: (data[only],)
+    if not slices:
+        return lambda data: ()
+    return itemgetter(*slices)
+
+
+@dataclass(frozen=True)
+class _Splicer:
+    """``_QpLayout.fill`` on the fills' concatenation: where each slot's fixed bytes (head,
+    tail), span and holes lie in it, and the encoded part as a ``%b`` template."""
+
+    lengths: tuple[int, ...]
+    fixed: Callable[[bytes], tuple[bytes, ...]]
+    """The head and the tail of every fill, in order."""
+    fixed_bytes: tuple[bytes, ...]
+    spans: Callable[[bytes], tuple[bytes, ...]]
+    holes: Callable[[bytes], tuple[bytes, ...]]
+    template: bytes
+    """``gaps`` joined by ``%b`` (a ``%`` in a gap doubled)."""
+
+    @classmethod
+    def of(cls, layout: _QpLayout) -> _Splicer:
+        offsets = []
+        at = 0
+        for length, *_ in layout.shapes:
+            offsets.append(at)
+            at += length
+        fixed: list[slice] = []
+        fixed_bytes: list[bytes] = []
+        spans: list[slice] = []
+        for base, (length, head, tail, start, end) in zip(offsets, layout.shapes, strict=True):
+            fixed += [
+                slice(base, base + len(head)),
+                slice(base + length - len(tail), base + length),
+            ]
+            fixed_bytes += [head, tail]
+            spans.append(slice(base + start, base + end))
+        holes = [
+            slice(offsets[slot] + start, offsets[slot] + end) for slot, start, end in layout.holes
+        ]
+        return cls(
+            lengths=tuple(length for length, *_ in layout.shapes),
+            fixed=_slicer(fixed),
+            fixed_bytes=tuple(fixed_bytes),
+            spans=_slicer(spans),
+            holes=_slicer(holes),
+            template=b"%b".join(gap.replace(b"%", b"%%") for gap in layout.gaps),
+        )
 
 
 # --- the message-level template -------------------------------------------------------------
@@ -610,11 +720,33 @@ def _fit_line_length(
 SHARED_TEMPLATE_MAX_BYTES = 64 * 1024
 
 
+class _Body:
+    """A body part's bytes as a memo key: equal by the bytes, hashed by their length and
+    ends. Hashing the whole of a 28 KB part cost more than the rest of looking it up; the
+    bytes are still compared in full on a hit (``memcmp``, which also stops at the first
+    difference of a personalised body whose hash is the same)."""
+
+    __slots__ = ("_hash", "data")
+
+    _ENDS = 256
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        ends = self._ENDS
+        self._hash = hash((len(data), data[:ends], data[-ends:]))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Body) and self.data == other.data
+
+
 @lru_cache(maxsize=32)
 def _shared_part_template(
     fields: tuple[HeaderField, ...],
     info: ContentInfo,
-    body: bytes,
+    body: _Body,
     newline: bytes,
     links: TrackingLinks,
     blank: bytes,
@@ -625,8 +757,8 @@ def _shared_part_template(
     (unless personalised) the same text and HTML parts: the part is then decoded and its
     links found once, not once per message. Templates are immutable and hold their own
     copy of the body (``body`` is one), never a view into a message buffer. A part whose
-    bytes differ (a personalised body) costs a copy and a hash, and misses."""
-    template = _part_template(fields, info, body, newline, links, blank=blank)
+    bytes differ (a personalised body) costs a copy and a comparison, and misses."""
+    template = _part_template(fields, info, body.data, newline, links, blank=blank)
     return None if template is None else replace(template, shared=True)
 
 
@@ -640,7 +772,8 @@ def _splice_for(buf: bytes, part: MimePart, newline: bytes, links: TrackingLinks
     blank = b"\r\n" if buf[max(0, body_start - 2) : body_start] == b"\r\n" else b"\n"
     body = memoryview(buf)[body_start : part.end]
     if part.depth > 0 and len(body) <= SHARED_TEMPLATE_MAX_BYTES:
-        template = _shared_part_template(part.fields, part.info, bytes(body), newline, links, blank)
+        key = _Body(bytes(body))
+        template = _shared_part_template(part.fields, part.info, key, newline, links, blank)
     else:
         template = _part_template(part.fields, part.info, body, newline, links, blank=blank)
     if template is None:
