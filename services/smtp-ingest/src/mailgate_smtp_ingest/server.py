@@ -66,9 +66,16 @@ _WIRE_LOG = logging.getLogger("mail.log")
 #: Replies sent on every connection, ready to write (the text ``push`` would make of them).
 _AUTH_OK = f"{replies.AUTH_OK}\r\n".encode()
 _BYE = b"221 2.0.0 Bye\r\n"
+_NOOP_OK = b"250 2.0.0 OK\r\n"
 #: Command line limits after EHLO (SIZE=, SMTPUTF8, BODY= params); other commands: the default.
 _MAIL_LIMITS = {"MAIL": 1024, "RCPT": 1024}
 _COMMAND_SIZE_LIMIT = SMTP.command_size_limit
+#: Reply texts as written on the wire (enhanced code, UTF-8, CRLF), by the server's hostname
+#: (a reply naming it gets no enhanced code), then by the text ``push`` was given.
+_WIRE_REPLIES: dict[str, dict[str, bytes]] = {}
+#: The most texts remembered per hostname (texts naming an address or a queue id vary; the
+#: memo starts over when full).
+_WIRE_REPLIES_LIMIT = 512
 
 
 def _command_size_limit() -> int:
@@ -292,6 +299,7 @@ class MailgateSMTP(SMTP):
         self._idle_deadline = 0.0
         self._timer_due = math.inf  # when the armed idle timer fires (inf: none armed)
         self._quit = False  # QUIT answered: our command loop ends after the command
+        self._wire_replies = _WIRE_REPLIES.setdefault(hostname, {})
         self._own_loop = False  # the command loop is ours (not aiosmtpd's, see _handle_client)
 
     def _init_like_aiosmtpd(
@@ -435,27 +443,41 @@ class MailgateSMTP(SMTP):
             self._handler_coroutine.cancel()
 
     async def push(self, status: Any) -> None:
-        """aiosmtpd's ``push`` (one write, then drain) with enhanced status codes added."""
+        """aiosmtpd's ``push`` (one write, then drain) with enhanced status codes added; the
+        wire form of a text is remembered (most replies are a few fixed texts)."""
         if isinstance(status, Reply):
             status = str(status)
         if isinstance(status, str):
-            status = self._with_enhanced_code(status).encode()  # SMTPUTF8 on: UTF-8
-        await self._send(status + b"\r\n")
+            memo = self._wire_replies
+            wire = memo.get(status)
+            if wire is None:
+                wire = f"{self._with_enhanced_code(status)}\r\n".encode()  # SMTPUTF8: UTF-8
+                if len(memo) >= _WIRE_REPLIES_LIMIT:
+                    memo.clear()
+                memo[status] = wire
+        else:
+            wire = status + b"\r\n"
+        if self._write(wire):
+            await self._writer.drain()
 
     async def _send(self, line: bytes) -> None:
-        """Write one finished reply (CRLF included). ``StreamWriter.drain`` runs only when
-        it has something to do (the transport paused writing or is closing, the connection
-        is lost, the reader failed); otherwise it would return at once, after two coroutine
-        frames per reply."""
-        writer = self._writer
-        writer.write(line)
-        if (  # (the attributes behind asyncio's properties: no call for each)
+        """Write one finished reply (CRLF included), then drain when that has something to
+        do (see ``_write``)."""
+        if self._write(line):
+            await self._writer.drain()
+
+    def _write(self, line: bytes) -> bool:
+        """Write ``line``; ``True`` when ``StreamWriter.drain`` has something to do (the
+        transport paused writing or is closing, the connection is lost, the reader failed).
+        Otherwise drain would return at once, after two coroutine frames per reply."""
+        transport = self._writer._transport  # type: ignore[attr-defined]
+        transport.write(line)  # (StreamWriter.write's one line, without its frame)
+        return bool(  # (the attributes behind asyncio's properties: no call for each)
             self._paused  # type: ignore[attr-defined]  # (asyncio's FlowControlMixin)
             or self._connection_lost  # type: ignore[attr-defined]
-            or writer._transport.is_closing()  # type: ignore[attr-defined]
+            or transport.is_closing()
             or self._reader._exception is not None  # type: ignore[attr-defined]
-        ):
-            await writer.drain()
+        )
 
     def _with_enhanced_code(self, status: str) -> str:
         """RFC 2034: every reply (but greeting, HELO/EHLO, 334/354) carries x.y.z."""
@@ -527,6 +549,12 @@ class MailgateSMTP(SMTP):
         await self._send(f"220 {self.hostname} {self.__ident__}\r\n".encode())
         bogus_budget = BOGUS_LIMIT
         wire_log = _WIRE_LOG.isEnabledFor(logging.INFO)  # (a level change: next connection)
+        loop_time = self.loop.time
+        # No command's size limit is below this one (they only grow): a shorter line needs
+        # no look-up of its command's limit.
+        short_limit = min(
+            _COMMAND_SIZE_LIMIT, self.command_size_limit, *self.command_size_limits.values()
+        )
         while self.transport is not None and not self._quit:
             try:
                 try:
@@ -551,12 +579,11 @@ class MailgateSMTP(SMTP):
                 arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
                 assert self.session is not None
                 session = self.session  # (STARTTLS makes a new one)
-                max_size = (
+                if len(line) > short_limit and len(line) > (
                     self.command_size_limits.get(command, _COMMAND_SIZE_LIMIT)
                     if session.extended_smtp
                     else self.command_size_limit
-                )
-                if len(line) > max_size:
+                ):
                     await self.push("500 Command line too long")
                     continue
                 if not self._tls_handshake_okay and command != "QUIT":
@@ -573,7 +600,11 @@ class MailgateSMTP(SMTP):
                         continue
                     await self.push(f'500 Error: command "{command}" not recognized')
                     continue
-                self._reset_timeout()  # a valid command
+                # A valid command: the idle deadline moves (_reset_timeout, inline unless
+                # the armed timer must fire sooner).
+                deadline = self._idle_deadline = loop_time() + self._timeout_duration
+                if deadline < self._timer_due:
+                    self._reset_timeout()
                 await method(arg)
             except (asyncio.CancelledError, ConnectionResetError):
                 _WIRE_LOG.info("%r Connection lost during _handle_client()", session.peer)
@@ -636,6 +667,18 @@ class MailgateSMTP(SMTP):
             return True
         return False
 
+    def _needs_helo_or_auth(self) -> bool:
+        """``check_helo_needed`` or ``check_auth_needed`` would answer (RCPT, DATA): tested
+        without their two coroutines per command."""
+        session = self.session
+        assert session is not None
+        return not session.host_name or not session.authenticated
+
+    async def _refuse_before_helo_or_auth(self) -> None:
+        """The answer of ``check_helo_needed``, else ``check_auth_needed``."""
+        if not await self.check_helo_needed():
+            await self.reject(replies.MUST_AUTHENTICATE)
+
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
         if not hostname:
@@ -688,6 +731,15 @@ class MailgateSMTP(SMTP):
             self._handler_coroutine.cancel()
         assert self.transport is not None
         self.transport.close()
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        """aiosmtpd's NOOP, with its reply ready-made when the handler has no NOOP hook."""
+        if "NOOP" in self._handle_hooks:
+            await super().smtp_NOOP(arg)
+            return
+        if self._write(_NOOP_OK):
+            await self._writer.drain()
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str | None) -> None:
@@ -827,9 +879,8 @@ class MailgateSMTP(SMTP):
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
-        if await self.check_helo_needed():
-            return
-        if await self.check_auth_needed("RCPT"):
+        if self._needs_helo_or_auth():
+            await self._refuse_before_helo_or_auth()
             return
         assert self.envelope is not None
         if not self.envelope.mail_from:
@@ -859,9 +910,8 @@ class MailgateSMTP(SMTP):
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
-        if await self.check_helo_needed():
-            return
-        if await self.check_auth_needed("DATA"):
+        if self._needs_helo_or_auth():
+            await self._refuse_before_helo_or_auth()
             return
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:
