@@ -285,13 +285,7 @@ def test_the_splice_answers_as_the_per_slot_fill(
         layout = _QpLayout.of(part, LINKS)
         assert layout is not None
         mailgate_id = new_ulid()
-        r = _Recipient(
-            links=LINKS,
-            mailgate_id=mailgate_id,
-            tracking=True,
-            unsubscribe_url=LINKS.unsubscribe_url(mailgate_id),
-            open_url=LINKS.open_url(mailgate_id),
-        )
+        r = _Recipient.of(LINKS, mailgate_id)
         fills = [part._fill(s, r) for s in part.slots]
         good = layout.fill(fills)
         assert good is not None and good == _reference_fill(layout, fills)
@@ -353,13 +347,7 @@ def test_a_parts_fills_are_its_slots_fills_with_one_signing_call(monkeypatch: An
     for mailgate_id in _ids(rng):
         for on in (True, False):
             for part in plan.body.parts:
-                r = _Recipient(
-                    links=LINKS,
-                    mailgate_id=mailgate_id,
-                    tracking=on,
-                    unsubscribe_url=LINKS.unsubscribe_url(mailgate_id),
-                    open_url=LINKS.open_url(mailgate_id) if on else "",
-                )
+                r = _Recipient.of(LINKS, mailgate_id, tracking=on)
                 expected = [part._fill(slot, r) for slot in part.slots]
                 calls.clear()
                 assert part._fills(r) == expected

@@ -73,13 +73,7 @@ def _parts(raw: bytes, links: TrackingLinks = LINKS) -> tuple[tracking_rewrite.P
 
 
 def _recipient(mailgate_id: str, *, tracking: bool = True) -> _Recipient:
-    return _Recipient(
-        links=LINKS,
-        mailgate_id=mailgate_id,
-        tracking=tracking,
-        unsubscribe_url=LINKS.unsubscribe_url(mailgate_id),
-        open_url=LINKS.open_url(mailgate_id) if tracking else "",
-    )
+    return _Recipient.of(LINKS, mailgate_id, tracking=tracking)
 
 
 def _rendered(part: tracking_rewrite.PartTemplate, r: _Recipient) -> bytes:

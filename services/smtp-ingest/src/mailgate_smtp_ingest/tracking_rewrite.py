@@ -141,6 +141,25 @@ class _Recipient:
     clicks: dict[str, str] = field(default_factory=dict)
     tokens: dict[str, bytes] = field(default_factory=dict)
 
+    @classmethod
+    def of(
+        cls,
+        links: TrackingLinks,
+        mailgate_id: str,
+        *,
+        tracking: bool = True,
+        unsubscribe_url: str | None = None,
+    ) -> _Recipient:
+        """The values of ``mailgate_id``'s copy (its own unsubscribe URL unless one is
+        given; no open URL when tracking is off)."""
+        return cls(
+            links=links,
+            mailgate_id=mailgate_id,
+            tracking=tracking,
+            unsubscribe_url=unsubscribe_url or links.unsubscribe_url(mailgate_id),
+            open_url=links.open_url(mailgate_id) if tracking else "",
+        )
+
     def click(self, url: str) -> str:
         known = self.clicks.get(url)
         if known is None:
@@ -347,13 +366,7 @@ class _QpLayout:
         if part.encoding != "quoted-printable" or part.charset is not None:
             return None
         probe = _LAYOUT_PROBE_ID
-        recipient = _Recipient(
-            links=links,
-            mailgate_id=probe,
-            tracking=True,
-            unsubscribe_url=links.unsubscribe_url(probe),
-            open_url=links.open_url(probe),
-        )
+        recipient = _Recipient.of(links, probe)
         signer = links.signer
         shapes = []
         fills = []
@@ -528,12 +541,8 @@ class BodyTemplate:
     ) -> list[bytes | memoryview]:
         """``render`` as pieces to concatenate (the caller joins them with the headers:
         one copy of a large body instead of two)."""
-        recipient = _Recipient(
-            links=links,
-            mailgate_id=mailgate_id,
-            tracking=tracking,
-            unsubscribe_url=unsubscribe_url or links.unsubscribe_url(mailgate_id),
-            open_url=links.open_url(mailgate_id) if tracking else "",
+        recipient = _Recipient.of(
+            links, mailgate_id, tracking=tracking, unsubscribe_url=unsubscribe_url
         )
         pieces = [self.gaps[0]]
         for part, gap in zip(self.parts, self.gaps[1:], strict=True):
@@ -701,13 +710,7 @@ def _fit_line_length(
     blank: bytes,
 ) -> PartTemplate:
     """A 7bit/8bit part whose rewritten lines could pass 998 bytes is re-encoded as QP."""
-    probe = _Recipient(
-        links=links,
-        mailgate_id=_PROBE_ID,
-        tracking=True,
-        unsubscribe_url=links.unsubscribe_url(_PROBE_ID),
-        open_url=links.open_url(_PROBE_ID),
-    )
+    probe = _Recipient.of(links, _PROBE_ID)
     if _LONG_LINE.search(template.render(probe)) is None:
         return template
     kept = b"".join(f.raw for f in fields if f.key != "content-transfer-encoding")
