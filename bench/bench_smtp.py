@@ -68,7 +68,19 @@ from mailgate_core.runtime import loop_factory
 from mailgate_fakes.infra import NatsServer, free_port, wait_for_port
 from postfix import Postfix, ensure_postfix
 
-from common import Options, Row, peak_rss_bytes, percentile, process_tree_cpu_s, tree_pids
+from common import (
+    Options,
+    Row,
+    Sample,
+    median_row,
+    paired_ratio,
+    peak_rss_bytes,
+    percentile,
+    process_tree_cpu_s,
+    rotated,
+    spread_note,
+    tree_pids,
+)
 from common import spawn as _spawn
 from common import stop as _stop
 
@@ -409,24 +421,6 @@ class Server:
     """CPU of the server's durable storage in another process (smtp-ingest: nats-server)."""
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One server's figures for one case in one round (CPU in seconds per 1000 messages)."""
-
-    rate_per_s: float
-    p50_ms: float
-    p99_ms: float
-    cpu_s_per_1k: float
-    client_cpu_s_per_1k: float
-    storage_cpu_s_per_1k: float | None = None
-
-
-def rotated(servers: list[Server], round_index: int) -> list[Server]:
-    """The servers in the order round ``round_index`` runs them: rotated by one a round."""
-    shift = round_index % len(servers) if servers else 0
-    return servers[shift:] + servers[:shift]
-
-
 def _drive_on_own_loop(port: int, data: Payload, count: int, **options: Any) -> tuple[Load, float]:
     """``drive`` on an event loop of its own in the calling thread: uvloop (as the servers
     run) unless ``BENCH_SMTP_CLIENT_LOOP=asyncio``. ``(load, the client's CPU seconds)``.
@@ -465,39 +459,6 @@ async def measure(server: Server, case: Case, tls: ssl.SSLContext) -> Sample:
     )
 
 
-def median_row(name: str, samples: list[Sample]) -> Row:
-    """Each figure the median of the rounds' (note: nats-server's CPU when measured)."""
-    median = statistics.median
-    storage = [s.storage_cpu_s_per_1k for s in samples if s.storage_cpu_s_per_1k is not None]
-    return Row(
-        benchmark=name,
-        rate_per_s=median(s.rate_per_s for s in samples),
-        p50_ms=median(s.p50_ms for s in samples),
-        p99_ms=median(s.p99_ms for s in samples),
-        cpu_s_per_1k=median(s.cpu_s_per_1k for s in samples),
-        note=f"+ nats-server {median(storage):.3f}" if storage else "",
-    )
-
-
-def _spread_note(samples: list[Sample]) -> str:
-    """``client <median> CPU s/1k`` and, over several rounds, the rates in round order."""
-    client = statistics.median(s.client_cpu_s_per_1k for s in samples)
-    note = f"client {client:.3f} CPU s/1k"
-    if len(samples) > 1:
-        note += "; rates " + "/".join(f"{s.rate_per_s:.0f}" for s in samples)
-    return note
-
-
-def paired_ratio(ours: list[Sample], theirs: list[Sample], name: str, detail: str = "") -> str:
-    """The median of the rounds' rate ratios ours/theirs, with their range over several rounds:
-    ``1.06x Postfix`` or ``1.06x Postfix (rounds 1.00-1.14)`` (``detail`` joins the brackets)."""
-    ratios = [o.rate_per_s / t.rate_per_s for o, t in zip(ours, theirs, strict=True)]
-    details = [f"rounds {min(ratios):.2f}-{max(ratios):.2f}"] if len(ratios) > 1 else []
-    details += [detail] if detail else []
-    text = f"{statistics.median(ratios):.2f}x {name}"
-    return f"{text} ({'; '.join(details)})" if details else text
-
-
 def _ratio_note(
     ours: list[Sample], bare: list[Sample], postfix: list[Sample] | None, workers: int
 ) -> str:
@@ -526,7 +487,7 @@ def case_rows(
     elif rows and rows[0].note:
         rows[0].note += " CPU s/1k"  # "+ nats-server 0.300 CPU s/1k"
     for row, server in zip(rows, servers, strict=True):
-        row.note = f"{row.note}; {_spread_note(samples[server.name])}".lstrip("; ")
+        row.note = f"{row.note}; {spread_note(samples[server.name])}".lstrip("; ")
     return rows
 
 

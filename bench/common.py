@@ -1,10 +1,12 @@
-"""Shared pieces of the benchmark suite: result rows, percentiles, CPU and memory accounting,
-starting and stopping processes (optionally under py-spy)."""
+"""Shared pieces of the benchmark suite: result rows, percentiles, rounds (rotation, medians,
+paired ratios), CPU and memory accounting, starting and stopping processes (optionally under
+py-spy)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -12,7 +14,9 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -42,6 +46,62 @@ def percentile(sorted_values: list[float], q: float) -> float:
         return float("nan")
     index = max(0, min(len(sorted_values) - 1, round(q * len(sorted_values)) - 1))
     return sorted_values[index]
+
+
+# --- rounds: several short runs a target, in rotated order, read as medians and paired ratios --
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One target's figures in one round (CPU in seconds per 1000 requests or messages)."""
+
+    rate_per_s: float
+    p50_ms: float
+    p99_ms: float
+    cpu_s_per_1k: float
+    client_cpu_s_per_1k: float
+    storage_cpu_s_per_1k: float | None = None
+    """CPU of the target's durable storage in another process (nats-server), when measured."""
+
+
+def rotated(targets: list[T], round_index: int) -> list[T]:
+    """The targets in the order round ``round_index`` runs them: rotated by one a round, so
+    none always runs first or last."""
+    shift = round_index % len(targets) if targets else 0
+    return targets[shift:] + targets[:shift]
+
+
+def median_row(name: str, samples: list[Sample]) -> Row:
+    """Each figure the median of the rounds' (note: nats-server's CPU when measured)."""
+    median = statistics.median
+    storage = [s.storage_cpu_s_per_1k for s in samples if s.storage_cpu_s_per_1k is not None]
+    return Row(
+        benchmark=name,
+        rate_per_s=median(s.rate_per_s for s in samples),
+        p50_ms=median(s.p50_ms for s in samples),
+        p99_ms=median(s.p99_ms for s in samples),
+        cpu_s_per_1k=median(s.cpu_s_per_1k for s in samples),
+        note=f"+ nats-server {median(storage):.3f}" if storage else "",
+    )
+
+
+def spread_note(samples: list[Sample]) -> str:
+    """``client <median> CPU s/1k`` and, over several rounds, the rates in round order."""
+    client = statistics.median(s.client_cpu_s_per_1k for s in samples)
+    note = f"client {client:.3f} CPU s/1k"
+    if len(samples) > 1:
+        note += "; rates " + "/".join(f"{s.rate_per_s:.0f}" for s in samples)
+    return note
+
+
+def paired_ratio(ours: list[Sample], theirs: list[Sample], name: str, detail: str = "") -> str:
+    """The median of the rounds' rate ratios ours/theirs, with their range over several rounds:
+    ``1.06x Postfix`` or ``1.06x Postfix (rounds 1.00-1.14)`` (``detail`` joins the brackets)."""
+    ratios = [o.rate_per_s / t.rate_per_s for o, t in zip(ours, theirs, strict=True)]
+    details = [f"rounds {min(ratios):.2f}-{max(ratios):.2f}"] if len(ratios) > 1 else []
+    details += [detail] if detail else []
+    text = f"{statistics.median(ratios):.2f}x {name}"
+    return f"{text} ({'; '.join(details)})" if details else text
 
 
 async def timed_run(
