@@ -13,10 +13,14 @@ Two phases on the same stack:
   the sandbox's receipt (its ``timestamp``) and to the first ``sent`` webhook at the receiver.
   When intake outruns the pipeline these latencies are queueing time (the backlog), not the
   pipeline's latency; CPU seconds per 1,000 messages per process are of this phase.
-* Paced: intake at a fixed rate below saturation (``BENCH_E2E_PACED_PCT``, default 80 % of the
-  flood's sustained rate, or ``BENCH_E2E_PACED_RATE`` msgs/s) for ``BENCH_E2E_PACED_S``
-  seconds (default 20; quick 2, at most N messages): p50/p99 250 -> Postal receipt and
-  -> 'sent' webhook at that rate, the figure the "p99 < 1 s" target is about.
+* Paced: intake at fixed rates below the flood's, one phase each, lowest first
+  (``BENCH_E2E_PACED_PCT``, default 50, 65 and 80 % of the flood's sustained rate, quick 80;
+  or ``BENCH_E2E_PACED_RATE`` msgs/s), each for ``BENCH_E2E_PACED_S`` seconds (default 20;
+  quick 2, at most N messages) and started once every consumer has worked off what came
+  before: p50/p99 250 -> Postal receipt and -> 'sent' webhook at that rate, and the highest
+  paced intake whose p99 to Postal stayed under 1 s (the "p99 < 1 s" goal). The pipeline
+  costs more CPU per message below saturation than flooded (smaller batches), so the flood's
+  rate overstates the rate it sustains at that latency.
 
 Exactly-once is asserted by Message-ID in the sandbox over both phases (every 250's mailgate
 id once, nothing else). Peak RSS (VmHWM) of every service process.
@@ -42,6 +46,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -382,9 +387,11 @@ async def _paced(
     rate: float,
     total: int,
     accepted: dict[str, float],
+    prefix: str = "p",
 ) -> float:
     """``total`` messages at ``rate`` msgs/s over the SMTP sessions (message k is due at
-    start + k / rate, round robin over the sessions); returns the achieved intake rate."""
+    start + k / rate, round robin over the sessions; recipients ``<prefix><session>-<n>``);
+    returns the achieved intake rate."""
     sessions = min(SESSIONS, total)
     start = time.perf_counter() + 1.0  # the sessions connect (STARTTLS, AUTH) first
     slots: list[list[float]] = [[] for _ in range(sessions)]
@@ -401,7 +408,7 @@ async def _paced(
                 len(slots[i]),
                 i,
                 accepted,
-                prefix="p",
+                prefix=prefix,
                 slots=slots[i],
             )
             for i in range(sessions)
@@ -416,6 +423,97 @@ async def _wait_for_hooks(receiver: Receiver, count: int, timeout_s: float) -> N
         if receiver.count("sent") >= count:
             break
         await asyncio.sleep(0.2)
+
+
+#: The paced phases' rates in percent of the flood's sustained rate (``BENCH_E2E_PACED_PCT``).
+PACED_PCTS = "50,65,80"
+#: The latency goal: p99 from the 250 to the Postal sandbox's receipt below this.
+P99_GOAL_MS = 1000.0
+
+
+def paced_rates(flood_sustained: float, quick: bool) -> list[float]:
+    """The paced phases' intake rates, lowest first: ``BENCH_E2E_PACED_RATE`` (msgs/s, a comma
+    list) or ``BENCH_E2E_PACED_PCT`` (percent of the flood's sustained rate, a comma list;
+    ``PACED_PCTS``, quick ``80``)."""
+    fixed = os.environ.get("BENCH_E2E_PACED_RATE", "")
+    if fixed:
+        rates = [float(x) for x in fixed.split(",") if x.strip()]
+    else:
+        pcts = os.environ.get("BENCH_E2E_PACED_PCT", "80" if quick else PACED_PCTS)
+        rates = [flood_sustained * float(x) / 100 for x in pcts.split(",") if x.strip()]
+    return sorted(r for r in rates if r > 0)
+
+
+@dataclass
+class PacedPhase:
+    """One paced phase: its messages (mailgate ids), intake and every process's CPU."""
+
+    rate: float
+    intake: float
+    total: int
+    ids: set[str]
+    cpu: dict[str, float]
+    drain_note: str
+
+    def row(
+        self,
+        sustained: float,
+        received_at: dict[str, float],
+        accepted: dict[str, float],
+        hooks: dict[tuple[str, str], float],
+    ) -> Row:
+        """p50/p99 from the 250 to the sandbox's receipt; the note has those to the 'sent'
+        webhook, how the phase started and its CPU per 1,000 messages by process."""
+        to_postal = sorted(received_at[mid] - accepted[mid] for mid in self.ids)
+        to_hook = sorted(
+            hooks[(mid, "sent")] - accepted[mid] for mid in self.ids if (mid, "sent") in hooks
+        )
+        hook = (
+            f"250 -> 'sent' webhook p50 {_ms(to_hook, 0.5):,.0f} ms, "
+            f"p99 {_ms(to_hook, 0.99):,.0f} ms ({len(to_hook):,}/{self.total:,})"
+            if to_hook
+            else f"0/{self.total:,} 'sent' webhooks"
+        )
+        cpu = ", ".join(
+            f"{name} {v / self.total * 1000:.2f}"
+            for name, v in sorted(self.cpu.items(), key=lambda kv: -kv[1])
+            if v / self.total * 1000 >= 0.005
+        )
+        return Row(
+            benchmark=f"e2e paced {self.rate:,.0f}/s ({self.rate / sustained:.0%} of the flood): "
+            "SMTP 250 -> Postal sandbox receipt",
+            rate_per_s=self.intake,
+            p50_ms=_ms(to_postal, 0.5),
+            p99_ms=_ms(to_postal, 0.99),
+            note=f"{self.total:,} msgs at a fixed intake rate, per s = achieved intake; {hook}; "
+            f"{self.drain_note}; CPU s/1k of this phase: {cpu}",
+        )
+
+
+def sustained_row(paced: list[Row]) -> Row:
+    """The highest paced intake whose p99 from the 250 to Postal's receipt met the goal."""
+    tried = ", ".join(
+        f"{r.rate_per_s:,.0f}/s p99 {r.p99_ms:,.0f} ms"
+        for r in paced
+        if r.rate_per_s is not None and r.p99_ms is not None
+    )
+    met = [
+        r
+        for r in paced
+        if r.rate_per_s is not None and r.p99_ms is not None and r.p99_ms < P99_GOAL_MS
+    ]
+    best = max(met, key=lambda r: r.rate_per_s or 0.0) if met else None
+    return Row(
+        benchmark=f"e2e sustained with p99 SMTP 250 -> Postal < {P99_GOAL_MS / 1000:g} s",
+        rate_per_s=best.rate_per_s if best else None,
+        p50_ms=best.p50_ms if best else None,
+        p99_ms=best.p99_ms if best else None,
+        note=(
+            f"the highest paced intake that met it, of {tried}"
+            if best
+            else f"no paced intake met it: {tried}"
+        ),
+    )
 
 
 async def run(opts: Options) -> list[Row]:
@@ -510,25 +608,35 @@ async def run(opts: Options) -> list[Row]:
             flood_at = {str(m["message_id"]).split("@")[0]: float(m["timestamp"]) for m in flood}
             flood_ids = set(accepted)
             flood_sustained = count / (max([*flood_at.values(), sent_at + 1e-3]) - sent_at)
-            # Paced phase: intake below saturation, so the latencies are the pipeline's own;
-            # it starts once the consumers have worked off the flood (not on top of its tail).
-            drain_s, undrained = await _drained(stack, 10 if opts.quick else 120)
-            paced_rate = float(os.environ.get("BENCH_E2E_PACED_RATE", "0")) or (
-                flood_sustained * float(os.environ.get("BENCH_E2E_PACED_PCT", "80")) / 100
-            )
+            # Paced phases: fixed intake rates below the flood's, the lowest first, each
+            # started once the consumers have worked off what came before (not on its tail).
             paced_s = float(os.environ.get("BENCH_E2E_PACED_S", "2" if opts.quick else "20"))
-            paced_total = max(SESSIONS, round(paced_rate * paced_s))
-            if opts.quick:
-                paced_total = min(paced_total, count)
             paced_pids = {**pids, **infra}  # nats-server and Postgres too
-            paced_cpu0 = {n: process_tree_cpu_s(pid) for n, pid in paced_pids.items()}
-            paced_intake = await _paced(
-                stack.ports["smtp"], tls, cred, data, paced_rate, paced_total, accepted
-            )
-            await _wait_for_hooks(receiver, count + paced_total, 60 if opts.quick else 120)
-            paced_cpu = {
-                n: process_tree_cpu_s(pid) - paced_cpu0[n] for n, pid in paced_pids.items()
-            }
+            phases: list[PacedPhase] = []
+            for number, rate in enumerate(paced_rates(flood_sustained, opts.quick), start=1):
+                drain_s, undrained = await _drained(stack, 10 if opts.quick else 120)
+                total = max(SESSIONS, round(rate * paced_s))
+                if opts.quick:
+                    total = min(total, count)
+                before = set(accepted)
+                cpu0_phase = {n: process_tree_cpu_s(pid) for n, pid in paced_pids.items()}
+                intake = await _paced(
+                    stack.ports["smtp"], tls, cred, data, rate, total, accepted, f"p{number}-"
+                )
+                await _wait_for_hooks(receiver, len(accepted), 60 if opts.quick else 120)
+                phases.append(
+                    PacedPhase(
+                        rate=rate,
+                        intake=intake,
+                        total=total,
+                        ids=set(accepted) - before,
+                        cpu={
+                            n: process_tree_cpu_s(pid) - cpu0_phase[n]
+                            for n, pid in paced_pids.items()
+                        },
+                        drain_note=_drain_note(drain_s, undrained),
+                    )
+                )
             messages = await asyncio.to_thread(_sandbox_messages, postal_url)
             rss = {
                 name: max(peak_rss_bytes(pid) for pid in tree_pids(proc.pid))
@@ -542,6 +650,7 @@ async def run(opts: Options) -> list[Row]:
     duplicates = sum(n - 1 for n in ids.values() if n > 1)
     missing = [mid for mid in accepted if mid not in ids]
     strangers = [mid for mid in ids if mid not in accepted]
+    paced_total = sum(phase.total for phase in phases)
     if len(accepted) != count + paced_total or duplicates or missing or strangers:
         raise AssertionError(
             f"exactly-once violated: {len(accepted)}/{count + paced_total} accepted, "
@@ -550,7 +659,6 @@ async def run(opts: Options) -> list[Row]:
         )
     received_at = {str(m["message_id"]).split("@")[0]: float(m["timestamp"]) for m in messages}
     flood_accepted = {mid: at for mid, at in accepted.items() if mid in flood_ids}
-    paced_accepted = {mid: at for mid, at in accepted.items() if mid not in flood_ids}
     to_postal = sorted(received_at[mid] - at for mid, at in flood_accepted.items())
     to_hook = sorted(
         receiver.first[(mid, "sent")] - at
@@ -560,12 +668,6 @@ async def run(opts: Options) -> list[Row]:
     flood_hook_at = [
         receiver.first[(mid, "sent")] for mid in flood_accepted if (mid, "sent") in receiver.first
     ]
-    paced_postal = sorted(received_at[mid] - at for mid, at in paced_accepted.items())
-    paced_hook = sorted(
-        receiver.first[(mid, "sent")] - at
-        for mid, at in paced_accepted.items()
-        if (mid, "sent") in receiver.first
-    )
     last_receipt = max(received_at[mid] for mid in flood_accepted)
     sustained = count / (last_receipt - sent_at)
     rows.append(
@@ -582,7 +684,8 @@ async def run(opts: Options) -> list[Row]:
             p50_ms=_ms(to_postal, 0.5),
             p99_ms=_ms(to_postal, 0.99),
             note="sustained; latency includes the backlog when intake outruns the pipeline; "
-            f"exactly once (both phases): {len(ids):,} Message-IDs, 0 lost, 0 duplicated",
+            f"exactly once (flood and paced phases): {len(ids):,} Message-IDs, 0 lost, "
+            "0 duplicated",
         )
     )
     hooks_note = f"{len(to_hook):,}/{count:,} 'sent' webhooks ({receiver.deliveries:,} received)"
@@ -595,33 +698,9 @@ async def run(opts: Options) -> list[Row]:
             note=hooks_note,
         )
     )
-    paced_hooks = f"{len(paced_hook):,}/{paced_total:,} 'sent' webhooks"
-    rows.append(
-        Row(
-            benchmark=f"e2e paced {paced_rate:,.0f}/s: SMTP 250 -> Postal sandbox receipt",
-            rate_per_s=paced_intake,
-            p50_ms=_ms(paced_postal, 0.5),
-            p99_ms=_ms(paced_postal, 0.99),
-            note=f"{paced_total:,} msgs at a fixed intake rate below saturation "
-            f"({paced_rate / sustained:.0%} of the flood's sustained rate); "
-            f"per s = achieved intake; {_drain_note(drain_s, undrained)}",
-        )
-    )
-    rows.append(
-        Row(
-            benchmark=f"e2e paced {paced_rate:,.0f}/s: SMTP 250 -> customer webhook 'sent'",
-            rate_per_s=paced_intake,
-            p50_ms=_ms(paced_hook, 0.5) if paced_hook else None,
-            p99_ms=_ms(paced_hook, 0.99) if paced_hook else None,
-            note=paced_hooks
-            + "; CPU s/1k of this phase: "
-            + ", ".join(
-                f"{name} {v / paced_total * 1000:.2f}"
-                for name, v in sorted(paced_cpu.items(), key=lambda kv: -kv[1])
-                if v / paced_total * 1000 >= 0.005
-            ),
-        )
-    )
+    paced_rows = [phase.row(sustained, received_at, accepted, receiver.first) for phase in phases]
+    rows += paced_rows
+    rows.append(sustained_row(paced_rows))
     rows.append(
         Row(
             benchmark="e2e flood: CPU s per 1k msgs, per process",
