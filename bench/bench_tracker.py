@@ -65,6 +65,7 @@ from common import (
     Options,
     Row,
     Sample,
+    apt_install,
     median_row,
     paired_ratio,
     percentile,
@@ -250,7 +251,7 @@ def choose_client(install: bool) -> tuple[str, LoadClient]:
     if wanted == "python":
         return "python", _python_load
     if not shutil.which("wrk") and install and os.geteuid() == 0:
-        failed = _apt_install("wrk")
+        failed = apt_install("wrk")
         if failed:
             print(f"  bench_tracker: wrk {failed}; the Python client instead", flush=True)
     if shutil.which("wrk"):
@@ -564,17 +565,7 @@ def ensure_nginx(install: bool) -> str:
         return "skipped: nginx not installed (BENCH_INSTALL=1 as root installs it)"
     if os.geteuid() != 0:
         return "skipped: nginx not installed and BENCH_INSTALL=1 needs root"
-    return _apt_install("nginx-light")
-
-
-def _apt_install(package: str) -> str:
-    """Install a Debian package: ``""``, or why it failed (the skip note)."""
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", package]):
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)  # noqa: S603
-        if done.returncode != 0:
-            return f"skipped: {' '.join(argv)} failed: {done.stderr.strip()[-200:]}"
-    return ""
+    return apt_install("nginx-light")
 
 
 def _start_nginx(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:

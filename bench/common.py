@@ -124,6 +124,17 @@ async def timed_run(
     )
 
 
+def apt_install(package: str) -> str:
+    """Install a Debian package (``BENCH_INSTALL=1`` as root): ``""``, or why it failed (the
+    skip note)."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", package]):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)  # noqa: S603
+        if done.returncode != 0:
+            return f"skipped: {' '.join(argv)} failed: {done.stderr.strip()[-200:]}"
+    return ""
+
+
 def _stat_fields(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 

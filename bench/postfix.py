@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import process_tree_cpu_s
+from common import apt_install, process_tree_cpu_s
 
 MAIN_CF = """\
 compatibility_level = 3.6
@@ -88,12 +88,7 @@ def ensure_postfix(install: bool) -> str:
         return "skipped: postfix not installed (BENCH_INSTALL=1 as root installs it)"
     if os.geteuid() != 0:
         return "skipped: postfix not installed and BENCH_INSTALL=1 needs root"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "postfix"]):
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)  # noqa: S603
-        if done.returncode != 0:
-            return f"skipped: {' '.join(argv)} failed: {done.stderr.strip()[-200:]}"
-    return ""
+    return apt_install("postfix")
 
 
 class Postfix:
