@@ -46,7 +46,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -454,6 +454,8 @@ class PacedPhase:
     ids: set[str]
     cpu: dict[str, float]
     drain_note: str
+    nats_msgs: dict[str, int] = field(default_factory=dict)
+    """NATS messages of each service's connections during the phase (nats-server's /connz)."""
 
     def row(
         self,
@@ -479,6 +481,11 @@ class PacedPhase:
             for name, v in sorted(self.cpu.items(), key=lambda kv: -kv[1])
             if v / self.total * 1000 >= 0.005
         )
+        nats = ", ".join(
+            f"{name} {v / self.total:.2f}"
+            for name, v in sorted(self.nats_msgs.items(), key=lambda kv: -kv[1])
+            if name in SERVICES and v
+        )
         return Row(
             benchmark=f"e2e paced {self.rate:,.0f}/s ({self.rate / sustained:.0%} of the flood): "
             "SMTP 250 -> Postal sandbox receipt",
@@ -486,7 +493,8 @@ class PacedPhase:
             p50_ms=_ms(to_postal, 0.5),
             p99_ms=_ms(to_postal, 0.99),
             note=f"{self.total:,} msgs at a fixed intake rate, per s = achieved intake; {hook}; "
-            f"{self.drain_note}; CPU s/1k of this phase: {cpu}",
+            f"{self.drain_note}; CPU s/1k of this phase: {cpu}"
+            + (f"; NATS messages per msg: {nats}" if nats else ""),
         )
 
 
@@ -620,6 +628,7 @@ async def run(opts: Options) -> list[Row]:
                     total = min(total, count)
                 before = set(accepted)
                 cpu0_phase = {n: process_tree_cpu_s(pid) for n, pid in paced_pids.items()}
+                nats0_phase = await asyncio.to_thread(_nats_msgs, stack)
                 intake = await _paced(
                     stack.ports["smtp"], tls, cred, data, rate, total, accepted, f"p{number}-"
                 )
@@ -635,6 +644,10 @@ async def run(opts: Options) -> list[Row]:
                             for n, pid in paced_pids.items()
                         },
                         drain_note=_drain_note(drain_s, undrained),
+                        nats_msgs={
+                            n: v - nats0_phase.get(n, 0)
+                            for n, v in (await asyncio.to_thread(_nats_msgs, stack)).items()
+                        },
                     )
                 )
             messages = await asyncio.to_thread(_sandbox_messages, postal_url)

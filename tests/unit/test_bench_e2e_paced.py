@@ -39,6 +39,7 @@ def test_phase_row_reads_only_its_own_messages() -> None:
         ids={"a", "b"},
         cpu={"ledger": 0.004, "nats-server": 0.006, "ams-fake": 0.0},
         drain_note="started once every JetStream consumer had drained the flood (0.0s)",
+        nats_msgs={"ledger": 21, "postal-sender": 31, "bench": 500, "webhook-ingest": 0},
     )
     row = phase.row(200.0, received, accepted, hooks)
     assert row.benchmark.startswith("e2e paced 100/s (50% of the flood): ")
@@ -48,6 +49,7 @@ def test_phase_row_reads_only_its_own_messages() -> None:
     assert "'sent' webhook p50 100 ms, p99 100 ms (1/2)" in row.note
     assert "nats-server 3.00, ledger 2.00" in row.note
     assert "ams-fake" not in row.note
+    assert row.note.endswith("; NATS messages per msg: postal-sender 15.50, ledger 10.50")
 
 
 def _paced(rate: float, p99: float) -> Row:
