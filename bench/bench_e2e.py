@@ -220,10 +220,6 @@ def _drain_note(waited_s: float, left: dict[str, int]) -> str:
     return f"started with the flood not drained after {waited_s:.0f}s ({held})"
 
 
-def _sandbox_count(url: str) -> int:
-    return len(_sandbox_messages(url))
-
-
 def _profile(stack: Stack) -> None:
     """``BENCH_PROFILE=<dir>``: attach py-spy to every service (see common.spawn)."""
     directory = os.environ.get("BENCH_PROFILE", "")
